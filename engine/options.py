@@ -1,0 +1,68 @@
+"""What the engine can be asked to do. Pure pydantic: importing this never imports torch.
+
+The daemon nests :class:`EngineOptions` as its ``[engine]`` settings table, and
+``fixative protect`` builds one from its flags, so both entry points validate
+the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Named budgets in 0-255 levels (L-infinity). The figures in REFERENCE.md: 4/255
+# keeps PSNR near 40 dB, 16/255 drops it under 30 dB and is visible on flat areas.
+STRENGTH_PRESETS = {"subtle": 4, "balanced": 8, "strong": 16}
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+Mode = Literal["advdm", "mist", "sds", "encoder"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["fp32", "fp16", "bf16"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class EngineOptions(BaseModel):
+    """Everything that decides how an image is protected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="A local diffusers folder, a single-file .safetensors checkpoint, "
+        "or a Hugging Face id already in the local cache.",
+    )
+    mode: Mode = "advdm"
+    strength: int = Field(8, ge=1, le=32, description="L-infinity budget in 0-255 levels, or a preset name.")
+    step_size: float = Field(1.0, gt=0, le=32, description="PGD step in 0-255 levels.")
+    steps: int = Field(100, ge=1, le=10_000)
+    seed: int = 0
+    prompt: str = "a painting"
+    device: Device = "auto"
+    dtype: DType = "fp32"
+    target: Path | None = Field(None, description="Target image for mist/encoder; None uses the built-in texture.")
+    texture_weight: float = Field(1.0, ge=0, description="mist: weight of the textural term against the semantic one.")
+    sds_direction: Literal["minimize", "maximize"] = "minimize"
+    format: OutputFormat = "png"
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _preset(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in STRENGTH_PRESETS:
+            return STRENGTH_PRESETS[value.strip().lower()]
+        return value
+
+    def fingerprint(self) -> str:
+        """A short hash of every option that changes the output image.
+
+        The device is left out on purpose: moving from cuda to cpu should not
+        re-protect a folder that is already done. The job store keys jobs on
+        (content sha256, fingerprint), so changed settings make new jobs.
+        """
+        payload = self.model_dump(mode="json", exclude={"device"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
