@@ -1,0 +1,233 @@
+"""The daemon's settings: a TOML file, overridden by ``FIXATIVE_*`` environment variables.
+
+Priority, highest first: arguments passed in code > environment > TOML file > defaults.
+Nested tables use ``__`` in the environment: ``FIXATIVE_ENGINE__STEPS=50`` sets
+``[engine] steps = 50``.
+
+Call :func:`load_settings`; it turns every problem into a :class:`ConfigError`
+with one line per problem, naming the key, which the CLI prints before exiting
+with :data:`EX_CONFIG`. ``Settings()`` on its own reads only the environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+from engine.options import EngineOptions
+
+# sysexits.h EX_CONFIG. The systemd unit has RestartPreventExitStatus=78, so a
+# config error stops the service instead of restarting it in a loop.
+EX_CONFIG = 78
+
+
+def _absolute(path: Path) -> Path:
+    # "~" must work in TOML and in the environment, where no shell expands it.
+    return path.expanduser().absolute()
+
+
+UserPath = Annotated[Path, AfterValidator(_absolute)]
+
+
+def _xdg(variable: str, fallback: str) -> Path:
+    return Path(os.environ.get(variable) or fallback).expanduser()
+
+
+def default_config_file() -> Path:
+    return _xdg("XDG_CONFIG_HOME", "~/.config") / "fixative" / "config.toml"
+
+
+class WatcherSettings(BaseModel):
+    """``[watcher]``: how files in the inbox are noticed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stability_seconds: float = Field(5.0, gt=0)
+    rescan_seconds: float = Field(300.0, gt=0)
+    polling: bool = False
+    poll_interval_seconds: float = Field(2.0, gt=0)
+
+
+class WorkerSettings(BaseModel):
+    """``[worker]``: leases and retries of the engine process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lease_seconds: float = Field(300, gt=0)
+    heartbeat_seconds: float = Field(10, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_seconds: float = Field(30, ge=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> WorkerSettings:
+        # A lease that expires between two heartbeats would hand a live job to
+        # someone else and run it twice.
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds: must be at most half of lease_seconds "
+                f"(got {self.heartbeat_seconds:g} and {self.lease_seconds:g})"
+            )
+        return self
+
+
+# The TOML file that Settings reads; set by load_settings. A context variable
+# rather than a class attribute, so that two loads (tests, threads) never see
+# each other's file.
+_toml_file: ContextVar[Path | None] = ContextVar("fixative_toml_file", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FIXATIVE_",
+        env_nested_delimiter="__",
+        extra="forbid",  # a typo in the TOML file is an error, not a silently ignored key
+        validate_default=True,  # so the "~" in the defaults is expanded too
+    )
+
+    inbox: UserPath = Path("~/ToProtect")
+    export_dir: UserPath = Path("~/Protected")
+    state_dir: UserPath = Field(default_factory=lambda: _xdg("XDG_STATE_HOME", "~/.local/state") / "fixative")
+    # What happens to an original once its protected copy is written. "archive"
+    # moves it to archive_dir, which empties the inbox as work completes.
+    after: Literal["keep", "archive"] = "keep"
+    # None means a sibling of the inbox, "<inbox>-originals" (~/ToProtect-originals):
+    # outside the inbox so the watcher does not see the files again, outside the
+    # export folder so an unprotected original is never published by mistake,
+    # and not hidden in the state folder where an artist would not find it.
+    archive_dir: UserPath | None = None
+    watcher: WatcherSettings = WatcherSettings()
+    worker: WorkerSettings = WorkerSettings()
+    engine: EngineOptions = EngineOptions()
+
+    @model_validator(mode="after")
+    def _folders_apart(self) -> Settings:
+        if self.archive_dir is None:
+            self.archive_dir = self.inbox.with_name(self.inbox.name + "-originals")
+        inbox = self.inbox.resolve()
+        # Protected copies written into the inbox would be queued and protected
+        # again, forever (OCRmyPDF refuses this for the same reason).
+        if _inside(self.export_dir.resolve(), inbox):
+            raise ValueError(f"export_dir: must not be inside inbox ({self.export_dir} is in {self.inbox})")
+        if self.after == "archive":
+            archive = self.archive_dir.resolve()
+            if _inside(archive, inbox):
+                raise ValueError(f"archive_dir: must not be inside inbox ({self.archive_dir} is in {self.inbox})")
+            if _inside(archive, self.export_dir.resolve()):
+                raise ValueError(
+                    f"archive_dir: must not be inside export_dir, where originals could be "
+                    f"published by mistake ({self.archive_dir})"
+                )
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "jobs.db"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # pydantic-settings never reads a TOML file unless this method returns a
+        # TomlConfigSettingsSource; `toml_file` in model_config alone does nothing.
+        # No .env file and no secrets dir: one config file is enough to explain.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_file.get()))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+class ConfigError(Exception):
+    """Invalid or missing configuration. ``lines`` has one line per problem, each naming its key."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings from ``config_file``, the environment and ``overrides``.
+
+    ``config_file`` defaults to ``$FIXATIVE_CONFIG``, then to
+    ``~/.config/fixative/config.toml``. A file named explicitly (argument or
+    ``FIXATIVE_CONFIG``) must exist; the default one may be absent.
+    """
+    if config_file is None and os.environ.get("FIXATIVE_CONFIG"):
+        config_file = Path(os.environ["FIXATIVE_CONFIG"])
+    if config_file is not None:
+        config_file = config_file.expanduser()
+        # pydantic-settings skips a missing TOML file silently; a user who named
+        # one wants to know that their settings are not being read.
+        if not config_file.is_file():
+            raise ConfigError([f"config file not found: {config_file}"])
+    else:
+        config_file = default_config_file()
+
+    token = _toml_file.set(config_file)
+    try:
+        return Settings(**overrides)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{config_file}: not valid TOML: {error}"]) from None
+    except ValidationError as error:
+        raise ConfigError([_describe(e) for e in error.errors()]) from None
+    except SettingsError as error:  # e.g. FIXATIVE_ENGINE='not json'
+        raise ConfigError([str(error)]) from None
+    finally:
+        _toml_file.reset(token)
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as ``engine.steps: must be ≥ 1 (got 0)``."""
+    loc = [str(part) for part in error["loc"]]
+    kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
+    key = ".".join(loc)
+    if kind == "value_error":
+        message = str(ctx.get("error", error["msg"]))
+        if _model_at(loc) is not None:
+            # A model validator; ours start their message with the field they blame.
+            return f"{key}.{message}" if key else message
+        return f"{key}: {message}"
+    if kind == "extra_forbidden":
+        parent_model = _model_at(loc[:-1])
+        known = list(parent_model.model_fields) if parent_model else []
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f" (did you mean {'.'.join(loc[:-1] + close)}?)" if close else ""
+        return f"{key}: unknown setting{hint}"
+    messages = {
+        "greater_than_equal": lambda: f"must be ≥ {ctx.get('ge')}",
+        "greater_than": lambda: f"must be > {ctx.get('gt')}",
+        "less_than_equal": lambda: f"must be ≤ {ctx.get('le')}",
+        "less_than": lambda: f"must be < {ctx.get('lt')}",
+    }
+    message = messages[kind]() if kind in messages else error["msg"].replace("Input should", "should")
+    return f"{key}: {message} (got {got!r})"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that holds the setting at ``loc`` (for "did you mean")."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
