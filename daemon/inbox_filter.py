@@ -58,12 +58,8 @@ def ignore_reason(path: Path, inbox: Path) -> str | None:
     if not parts:
         return "the inbox itself"
     for part in parts:
-        # Covers .DS_Store, ._resource-forks (macOS on SMB/FAT), .stfolder
-        # (Syncthing), .Trash-1000 (Linux desktops) and editors' .x.swp files.
-        if part.startswith("."):
-            return f"hidden: {part}"
-        if part.casefold() in JUNK_NAMES:
-            return f"OS or NAS junk: {part}"
+        if reason := _name_reason(part):
+            return reason
     name = parts[-1]
     if name.endswith("~"):
         return "editor backup (trailing ~)"
@@ -77,6 +73,25 @@ def ignore_reason(path: Path, inbox: Path) -> str | None:
 
 def is_candidate(path: Path, inbox: Path) -> bool:
     return ignore_reason(path, inbox) is None
+
+
+def skip_folder(name: str) -> bool:
+    """Whether a scan should not descend into a folder called ``name``.
+
+    Saves walking a Synology ``@eaDir`` (thumbnails for every image) or a
+    trash folder only to ignore everything in it.
+    """
+    return _name_reason(name) is not None
+
+
+def _name_reason(name: str) -> str | None:
+    # Covers .DS_Store, ._resource-forks (macOS on SMB/FAT), .stfolder
+    # (Syncthing), .Trash-1000 (Linux desktops) and editors' .x.swp files.
+    if name.startswith("."):
+        return f"hidden: {name}"
+    if name.casefold() in JUNK_NAMES:
+        return f"OS or NAS junk: {name}"
+    return None
 
 
 _FILE_TYPES = {
