@@ -40,6 +40,9 @@ class EngineOptions(BaseModel):
     strength: int = Field(8, ge=1, le=32, description="L-infinity budget in 0-255 levels, or a preset name.")
     step_size: float = Field(1.0, gt=0, le=32, description="PGD step in 0-255 levels.")
     steps: int = Field(100, ge=1, le=10_000)
+    samples_per_step: int = Field(
+        1, ge=1, le=64, description="(t, eps) pairs averaged per PGD step, for one VAE encode (advdm, mist, sds)."
+    )
     seed: int = 0
     prompt: str = "a painting"
     device: Device = "auto"

@@ -1,0 +1,14 @@
+"""The attacks, one module per mode.
+
+Each is a callable ``attack(x, generator) -> (objective, loss)`` over the
+padded model-input image x in [-1, 1]: PGD steps along the sign of the
+objective's gradient (up if ``attack.maximize``, else down), and ``loss`` is
+the figure reported to the progress callback.
+"""
+
+from engine.attacks.advdm import AdvDM
+from engine.attacks.encoder import EncoderAttack
+from engine.attacks.mist import Mist
+from engine.attacks.sds import SDS
+
+ATTACKS = {"advdm": AdvDM, "mist": Mist, "sds": SDS, "encoder": EncoderAttack}

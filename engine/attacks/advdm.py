@@ -1,0 +1,35 @@
+"""AdvDM: maximise the diffusion training loss of the perturbed image.
+
+Algorithm 1 of Liang, Wu et al., "Adversarial Example Does Good" (ICML 2023,
+arXiv 2302.04578): at each PGD step draw t and eps, encode the image to a
+posterior sample z, and ascend || eps_theta(z_t, t, c) - eps ||^2. A model
+fine-tuned on such images learns to denoise the perturbation's latent pattern
+instead of the artist's style.
+
+``samples_per_step`` > 1 averages the loss over several (t, eps) pairs for a
+single VAE encode: the encoder (the costlier half at 512 px) runs once, and the
+gradient estimate is less noisy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.diffusion import diffusion_loss, draw_timesteps_and_noise, encode, sample_latent
+from engine.model import LoadedModel
+from engine.options import EngineOptions
+
+
+class AdvDM:
+    maximize = True
+
+    def __init__(self, model: LoadedModel, options: EngineOptions, input_shape: tuple[int, ...]):
+        self.model = model
+        self.samples = options.samples_per_step
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = encode(self.model, x)
+        z = sample_latent(mean, std, generator)
+        t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
+        loss = diffusion_loss(self.model, z, t, eps)
+        return loss, loss.detach()

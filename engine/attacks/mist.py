@@ -1,0 +1,39 @@
+"""Mist: AdvDM's semantic loss fused with a textural loss toward a target image.
+
+Liang et al., "Mist: Towards Improved Adversarial Examples for Diffusion
+Models" (arXiv 2305.12683). Besides raising the diffusion loss, the image's
+latent is pulled toward the latent of a high-contrast texture, so that what a
+fine-tuned model does learn looks like the texture. We ascend
+
+    L_semantic - texture_weight * mean((E(x') - E(target))^2)
+
+with both terms as per-element means (Mist sums the textural term and weighs
+the semantic one by 1e4; at SD's 64x64x4 latents that is the same balance
+within a factor of 1.6). The target's latent is encoded once, not per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.diffusion import diffusion_loss, draw_timesteps_and_noise, encode, sample_latent
+from engine.model import LoadedModel
+from engine.options import EngineOptions
+from engine.texture import target_latent
+
+
+class Mist:
+    maximize = True
+
+    def __init__(self, model: LoadedModel, options: EngineOptions, input_shape: tuple[int, ...]):
+        self.model = model
+        self.samples = options.samples_per_step
+        self.weight = options.texture_weight
+        self.target = target_latent(model, options.target, input_shape)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = encode(self.model, x)
+        z = sample_latent(mean, std, generator)
+        t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
+        objective = diffusion_loss(self.model, z, t, eps) - self.weight * (mean - self.target).square().mean()
+        return objective, objective.detach()

@@ -1,0 +1,34 @@
+"""SDS: the score-distillation attack of Xue et al. (ICLR 2024, arXiv 2311.12832).
+
+The gradient of the diffusion loss with respect to the latent is replaced by
+the score-distillation estimate (eps_theta(z_t) - eps), which skips the UNet's
+backward pass: the UNet runs under no_grad, and only the VAE encoder is
+differentiated, via the surrogate sum(z * g) whose gradient is g pushed back
+through the encoder. The paper finds the encoder to be the vulnerable part of
+latent diffusion, and *minimising* (SDS-) to protect better and show less,
+so that is the default direction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode, sample_latent
+from engine.model import LoadedModel
+from engine.options import EngineOptions
+
+
+class SDS:
+    def __init__(self, model: LoadedModel, options: EngineOptions, input_shape: tuple[int, ...]):
+        self.model = model
+        self.samples = options.samples_per_step
+        self.maximize = options.sds_direction == "maximize"
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = encode(self.model, x)
+        z = sample_latent(mean, std, generator)
+        t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
+        with torch.no_grad():
+            residual = denoiser_residual(self.model, z, t, eps)
+        surrogate = (z * residual.mean(dim=0, keepdim=True)).sum()
+        return surrogate, residual.square().mean()

@@ -1,0 +1,200 @@
+"""Loading a Stable Diffusion 1.x/2.x model: only the parts the attacks need, once.
+
+Where a model can come from, in the order we look:
+
+1. a local diffusers folder (``model_index.json`` or ``unet/`` inside);
+2. a single-file ``.safetensors`` checkpoint (diffusers' ``from_single_file``,
+   which needs the matching config in the local Hugging Face cache);
+3. a Hugging Face id, resolved from the local cache only. fixative never
+   downloads gigabytes behind the user's back: ``fixative model pull ID`` does
+   that, with a progress bar, when asked.
+
+Pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) are refused:
+unpickling runs arbitrary code, and model files are passed around by strangers.
+Diffusers folders are loaded with ``use_safetensors=True`` for the same reason.
+
+The text encoder is used once, to embed the prompt, and then dropped: it would
+otherwise hold ~0.5 GB for nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import ModelError, UnsupportedDevice
+from engine.options import EngineOptions
+
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Parts of a diffusers repo the engine reads; ``fixative model pull`` fetches only these.
+NEEDED_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+@dataclass
+class LoadedModel:
+    """The frozen surrogate model the attacks differentiate through."""
+
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_embedding: torch.Tensor  # (1, tokens, dim), the prompt's CLIP embedding, in the UNet's dtype
+    alphas_cumprod: torch.Tensor  # (T,), fp32, on the device
+    scaling_factor: float  # latents = scaling_factor * E(x)
+    prediction_type: str  # "epsilon" (SD 1.x, SD 2 base) or "v_prediction" (SD 2.x 768)
+    resolution: int  # training side in pixels: 512 for SD 1.5, 768 for SD 2.x
+    size_multiple: int  # model-input sides must be multiples of this (64 for SD)
+    device: torch.device
+    dtype: torch.dtype  # the UNet's dtype; the VAE stays fp32 unless bf16 was asked for
+    source: str
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` prefers cuda, then Apple's mps, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedDevice("device 'cuda' was asked for, but torch sees no CUDA GPU (is the CUDA build of torch installed?)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UnsupportedDevice("device 'mps' was asked for, but this machine has no Apple GPU available to torch")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "fp16" and device.type == "cpu":
+        raise UnsupportedDevice("fp16 is not supported on the CPU; use bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UnsupportedDevice("this GPU does not support bf16; use fp16 or fp32")
+    return DTYPES[name]
+
+
+def resolve_model_folder(model: str) -> Path:
+    """Turn the ``model`` setting into a local diffusers folder, or explain what to do."""
+    path = Path(model).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(
+            f"refusing to load {model}: {path.suffix} checkpoints are Python pickles, and loading one can run "
+            "arbitrary code. Use a .safetensors checkpoint or a diffusers folder."
+        )
+    if path.exists():
+        return path
+    if model.startswith((".", "/", "~")) or path.suffix.lower() == ".safetensors":
+        raise ModelError(f"model path {path} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=NEEDED_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as error:
+        raise ModelError(
+            f"model {model!r} is not on this machine. Download it once with `fixative model pull {model}` "
+            "(about 2.5 GB), or point `--model` / `[engine] model` at a local diffusers folder or .safetensors file."
+        ) from error
+
+
+def _load_parts(folder: Path, vae_dtype: torch.dtype, unet_dtype: torch.dtype):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    # Their per-file "Loading weights" bars would interleave with our own progress bar and logs.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if not (folder / "unet").is_dir() or not (folder / "vae").is_dir():
+        raise ModelError(f"{folder} is not a Stable Diffusion diffusers folder (it has no unet/ and vae/ subfolders)")
+    try:
+        return (
+            AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, torch_dtype=vae_dtype),
+            UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=unet_dtype),
+            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
+            CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        )
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ModelError(f"could not load the model in {folder}: {error}") from error
+
+
+def _load_single_file(path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            path, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"could not load the single-file checkpoint {path}: {error}. Single files need their model's config in "
+            "the local Hugging Face cache; `fixative model pull stable-diffusion-v1-5/stable-diffusion-v1-5` provides it."
+        ) from error
+    return pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+
+
+def load_model(options: EngineOptions) -> LoadedModel:
+    """Load the VAE, UNet and scheduler, embed ``options.prompt``, and drop the text encoder."""
+    device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device)
+    # fp16 VAE encoders overflow into NaNs (SDXL's famously does); keep the VAE
+    # in fp32 for fp16 runs. bf16 has fp32's range, so it is safe there.
+    vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    path = resolve_model_folder(options.model)
+    if path.is_file():
+        vae, unet, text_encoder, tokenizer, scheduler = _load_single_file(path)
+    else:
+        vae, unet, text_encoder, tokenizer, scheduler = _load_parts(path, vae_dtype, dtype)
+
+    ids = tokenizer(
+        options.prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        text_embedding = text_encoder(ids)[0]
+    del text_encoder, tokenizer
+    gc.collect()
+
+    # Single-file checkpoints arrive in fp32; folders were loaded in the right dtype already.
+    vae = vae.to(device=device, dtype=vae_dtype) if vae.dtype != vae_dtype else vae.to(device)
+    unet = unet.to(device=device, dtype=dtype) if unet.dtype != dtype else unet.to(device)
+    vae.eval().requires_grad_(False)
+    unet.eval().requires_grad_(False)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_scale = 2 ** (len(unet.config.block_out_channels) - 1)
+    return LoadedModel(
+        vae=vae,
+        unet=unet,
+        text_embedding=text_embedding.to(device=device, dtype=dtype),
+        alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+        scaling_factor=float(vae.config.scaling_factor),
+        prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+        resolution=int(unet.config.sample_size) * vae_scale,
+        size_multiple=vae_scale * unet_scale,
+        device=device,
+        dtype=dtype,
+        source=str(path),
+    )
+
+
+def pull_model(repo_id: str) -> Path:
+    """Download the parts of ``repo_id`` the engine needs into the Hugging Face cache (with progress)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=NEEDED_PATTERNS))

@@ -1,0 +1,59 @@
+"""Projected gradient descent with sign steps in an L-infinity ball: the loop every mode shares.
+
+The perturbation ``delta`` lives at the working size, in [-1, 1] image units,
+and always in fp32 (a bf16 delta could not even represent a 1/255 step near
+the ends of the range). Each step moves every pixel by ``alpha`` along the sign
+of the objective's gradient and projects back into [-eps, eps]; the image
+range is enforced where the image is formed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Protocol
+
+import torch
+
+from engine.geometry import Geometry
+
+Progress = Callable[[int, int, float], None]
+PROGRESS_INTERVAL_SECONDS = 0.5
+
+
+class Attack(Protocol):
+    maximize: bool
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def perturbed(x_work: torch.Tensor, delta: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """The padded model input for a perturbation: what a fine-tuning script would feed the model."""
+    return geometry.pad((x_work + geometry.seen(delta)).clamp(-1, 1))
+
+
+def run_pgd(
+    attack: Attack,
+    x_work: torch.Tensor,
+    geometry: Geometry,
+    eps: float,
+    alpha: float,
+    steps: int,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Return the perturbation (fp32, working size) after ``steps`` PGD steps from a random start."""
+    # Random start, uniform in the ball, as in Madry et al. and Mist.
+    delta = (torch.rand(x_work.shape, generator=generator, device=x_work.device) * 2 - 1) * eps
+    sign = 1.0 if attack.maximize else -1.0
+    last_report = time.monotonic()
+    for step in range(1, steps + 1):
+        delta.requires_grad_(True)
+        objective, loss = attack(perturbed(x_work, delta, geometry), generator)
+        (gradient,) = torch.autograd.grad(objective, delta)
+        with torch.no_grad():
+            delta = (delta + sign * alpha * gradient.sign()).clamp_(-eps, eps)
+        # Reading the loss forces a device sync, so report at most twice a second.
+        if progress is not None and (step == steps or time.monotonic() - last_report >= PROGRESS_INTERVAL_SECONDS):
+            progress(step, steps, float(loss))
+            last_report = time.monotonic()
+    return delta.detach()

@@ -1,0 +1,117 @@
+"""Protect one image: the engine's single entry point.
+
+An image file and options go in; the protected file's bytes and a report come
+out. Nothing here knows where the bytes will be written: the CLI writes them
+next to a chosen folder, the daemon writes them atomically into its export
+folder.
+
+The steps:
+1. read the image (orientation applied, alpha and metadata set aside);
+2. plan the working size (``engine.geometry``) and downscale to it;
+3. run PGD for the chosen attack (``engine.attacks``) on the colour channels;
+4. carry the perturbation to full resolution, round it to whole levels, and
+   clip it to the budget around the original's own 8-bit values, so the saved
+   file is within ``strength`` levels of the original in every pixel;
+5. encode, read the encoded file back, and measure what was actually saved.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.attacks import ATTACKS
+from engine.geometry import Geometry
+from engine.imaging import LOSSY_FORMATS, OUTPUT_FORMATS, SourceImage, encode_image, read_image
+from engine.metrics import max_delta, protection_figures, psnr, ssim
+from engine.model import LoadedModel
+from engine.options import EngineOptions
+from engine.pgd import Progress, run_pgd
+
+
+@dataclass
+class Protected:
+    data: bytes  # the encoded output file
+    suffix: str  # ".png", ".jpg" or ".webp"
+    report: dict  # JSON-serialisable figures, see protect_image
+    warnings: list[str] = field(default_factory=list)
+
+
+def protect_file(path: Path, model: LoadedModel, options: EngineOptions, progress: Progress | None = None) -> Protected:
+    """Read ``path`` and protect it. Raises ``engine.errors.BadImage`` for files we cannot protect."""
+    return protect_image(read_image(Path(path)), model, options, progress)
+
+
+def _to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 HxWx3 -> fp32 (1, 3, H, W) in [-1, 1]."""
+    return torch.tensor(rgb, device=device).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def _decode_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"))
+
+
+def protect_image(
+    source: SourceImage, model: LoadedModel, options: EngineOptions, progress: Progress | None = None
+) -> Protected:
+    started = time.perf_counter()
+    height, width = source.rgb.shape[:2]
+    geometry = Geometry.plan(height, width, model.resolution, model.size_multiple)
+    x_full = _to_tensor(source.rgb, model.device)
+    x_work = geometry.down(x_full)
+
+    # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
+    eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
+    generator = torch.Generator(model.device).manual_seed(options.seed)
+    attack = ATTACKS[options.mode](model, options, (1, 3, *geometry.padded))
+    pgd_started = time.perf_counter()
+    delta = run_pgd(attack, x_work, geometry, eps, alpha, options.steps, generator, progress)
+    pgd_seconds = time.perf_counter() - pgd_started
+
+    # Round to whole levels (truncating would bias every pixel down by half a
+    # level) and clip around the original's own values, so the file that is
+    # saved, read back, is inside the budget exactly.
+    levels = torch.round(geometry.up(delta) * 127.5)[0].permute(1, 2, 0)
+    original = torch.tensor(source.rgb, device=model.device, dtype=torch.float32)
+    budget = float(options.strength)
+    protected_rgb = (original + levels.clamp(-budget, budget)).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
+    data = encode_image(protected_rgb, source, options.format, options.quality)
+
+    saved = _decode_rgb(data)
+    figures = protection_figures(
+        model, geometry.pad(x_work), geometry.pad(geometry.down(_to_tensor(saved, model.device)))
+    )
+    warnings = list(source.notes)
+    if options.format in LOSSY_FORMATS:
+        warnings.append(
+            f"{options.format.upper()} output is lossy and washes out much of the perturbation; "
+            "publish the PNG where you can"
+        )
+    report = {
+        "mode": options.mode,
+        "strength": options.strength,
+        "steps": options.steps,
+        "step_size": options.step_size,
+        "samples_per_step": options.samples_per_step,
+        "seed": options.seed,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "model": model.source,
+        "size": [width, height],
+        "working_size": [geometry.work[1], geometry.work[0]],
+        "format": options.format,
+        "seconds": round(time.perf_counter() - started, 3),
+        "seconds_per_step": round(pgd_seconds / options.steps, 4),
+        "psnr": round(psnr(source.rgb, saved), 2),
+        "ssim": round(ssim(source.rgb, saved), 4),
+        "max_delta": max_delta(source.rgb, saved),
+        **{name: round(value, 4) for name, value in figures.items()},
+    }
+    return Protected(data=data, suffix=OUTPUT_FORMATS[options.format], report=report, warnings=warnings)

@@ -1,0 +1,178 @@
+"""A tiny Stable-Diffusion-shaped model, built from config with random weights.
+
+No weights can be downloaded in CI, and ``fixative demo`` must run without
+Stable Diffusion on disk, so both build this instead: a UNet with cross
+attention, a VAE that downsamples 8x like SD's, a CLIP text encoder, a CLIP
+tokenizer with a vocabulary written here, and a DDPM scheduler config. It is
+saved with ``save_pretrained`` (safetensors) in the diffusers folder layout, so
+it is loaded through exactly the same code as a real model.
+
+An untrained UNet predicts roughly the same thing whatever its input, so every
+perturbation scores a protection gain near 1.0 on it. :func:`train_tiny_unet`
+fixes that with a few hundred noise-prediction steps on synthetic paintings.
+It does NOT make the tiny model protect anything real: it only makes the
+attack's effect measurable in tests and in ``bench --scale tiny``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# UNet sample size 16 latents -> 128 px training resolution, small enough to
+# train on two CPU cores in about a minute.
+TINY_LATENT_SIZE = 16
+TEXT_DIM = 32
+
+
+def _byte_vocab() -> tuple[dict[str, int], list[str]]:
+    """A byte-level BPE vocabulary with no merges: every byte is a token.
+
+    CLIP's tokenizer maps bytes to printable unicode characters and marks the
+    last character of a word with ``</w>``; both forms are needed.
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = [chr(b) for b in printable]
+    shift = 0
+    for b in range(256):
+        if b not in printable:
+            chars.append(chr(256 + shift))
+            shift += 1
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, ["#version: 0.2"]
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=TINY_LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    # Four blocks -> three downsamplings -> 8x, as in SD's VAE.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_LATENT_SIZE * 8,
+    )
+
+
+def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """Write a random tiny SD-shaped model into ``folder`` (diffusers layout) and return it."""
+    folder = Path(folder)
+    vocab, merges = _byte_vocab()
+    tokenizer_dir = folder / "tokenizer"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tokenizer_dir / "merges.txt").write_text("\n".join(merges) + "\n")
+    CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77).save_pretrained(tokenizer_dir)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    tiny_unet(seed).save_pretrained(folder / "unet", safe_serialization=True)
+    tiny_vae(seed).save_pretrained(folder / "vae", safe_serialization=True)
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000).save_pretrained(
+        folder / "scheduler"
+    )
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.30.0",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+            },
+            indent=2,
+        )
+    )
+    return folder
+
+
+def synthetic_paintings(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth colour fields with a few hard-edged strokes, in [-1, 1], shape (N, 3, size, size).
+
+    Structured enough that a denoiser has something to learn, so that an attack
+    that breaks it shows up as a higher loss than random noise does.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = np.empty((count, 3, size, size), dtype=np.float32)
+    for i in range(count):
+        for c in range(3):
+            fx, fy, phase = rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0, 2 * np.pi)
+            images[i, c] = 0.6 * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+        for _ in range(3):
+            x0, y0 = rng.integers(0, size - size // 4, 2)
+            w, h = rng.integers(size // 16, size // 4, 2)
+            images[i, :, y0 : y0 + h, x0 : x0 + w] = rng.uniform(-1, 1, (3, 1, 1))
+    return torch.from_numpy(images.clip(-1, 1))
+
+
+def train_tiny_unet(folder: Path, steps: int = 300, batch: int = 16, seed: int = 0) -> None:
+    """Teach the tiny UNet noise prediction on synthetic paintings, and save it in place."""
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").train()
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    alphas = scheduler.alphas_cumprod
+    images = synthetic_paintings(256, TINY_LATENT_SIZE * 8, seed)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)]) * vae.config.scaling_factor
+    # Condition on the engine's default prompt, as the attacks will.
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    ids = tokenizer("a painting", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = text_encoder(ids)[0]
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    for _ in range(steps):
+        z = latents[torch.randint(0, len(latents), (batch,))]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        noise = torch.randn_like(z)
+        a = alphas[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(z_t, t, context.expand(batch, -1, -1)).sample, noise)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    unet.eval().save_pretrained(folder / "unet", safe_serialization=True)
