@@ -1,0 +1,55 @@
+"""Fixtures shared across the test files.
+
+The tiny trained model is built once and kept in pytest's cache folder
+(``.pytest_cache``), keyed on the source of ``engine/tiny.py``: training takes
+about a minute on two cores, and every engine and end-to-end test needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TRAINING_STEPS = 300
+
+
+def _tiny_key() -> str:
+    import engine.tiny
+
+    source = Path(engine.tiny.__file__).read_bytes()
+    return hashlib.sha256(source + str(TRAINING_STEPS).encode()).hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(request: pytest.FixtureRequest) -> Path:
+    """A diffusers folder holding the tiny SD-shaped model with a briefly trained UNet."""
+    from engine.tiny import build_tiny_model, train_tiny_unet
+
+    folder = Path(request.config.cache.mkdir(f"fixative-tiny-model-{_tiny_key()}"))
+    if not (folder / "trained").exists():
+        shutil.rmtree(folder)
+        build_tiny_model(folder)
+        train_tiny_unet(folder, steps=TRAINING_STEPS)
+        (folder / "trained").touch()
+    return folder
+
+
+def painting(height: int = 300, width: int = 400, seed: int = 5) -> np.ndarray:
+    """A synthetic painting, uint8 H x W x 3, with smooth fields and hard edges like real artwork."""
+    from engine.tiny import synthetic_paintings
+
+    side = max(height, width)
+    image = synthetic_paintings(1, side, seed=seed)[0].permute(1, 2, 0).numpy()
+    return ((image[:height, :width] + 1) * 127.5).round().astype(np.uint8)
+
+
+@pytest.fixture
+def painting_png(tmp_path: Path) -> Path:
+    path = tmp_path / "painting.png"
+    Image.fromarray(painting()).save(path)
+    return path
