@@ -27,6 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from daemon.inbox_filter import WatcherConfigError, check_folders
 from engine.options import EngineOptions
 
 # sysexits.h EX_CONFIG. The systemd unit has RestartPreventExitStatus=78, so a
@@ -117,10 +118,12 @@ class Settings(BaseSettings):
         if self.archive_dir is None:
             self.archive_dir = self.inbox.with_name(self.inbox.name + "-originals")
         inbox = self.inbox.resolve()
-        # Protected copies written into the inbox would be queued and protected
-        # again, forever (OCRmyPDF refuses this for the same reason).
-        if _inside(self.export_dir.resolve(), inbox):
-            raise ValueError(f"export_dir: must not be inside inbox ({self.export_dir} is in {self.inbox})")
+        # The watcher's own startup check, run here too so that every command
+        # (engine, doctor, status) reports the overlap as a config error (exit 78).
+        try:
+            check_folders(self.inbox, self.export_dir)
+        except WatcherConfigError as error:
+            raise ValueError(str(error)) from None
         if self.after == "archive":
             archive = self.archive_dir.resolve()
             if _inside(archive, inbox):
