@@ -1,13 +1,28 @@
 """The ``fixative`` command line: one argparse parser, one function per command.
 
 Commands import their heavy parts lazily, so ``fixative status`` and
-``fixative watch`` never import torch.
+``fixative watch`` never import torch (tests/test_status_cli.py checks it).
+
+Exit codes: 0 fine, 1 something failed, 3 the daemon is down (``status``),
+78 (EX_CONFIG) the configuration is invalid, so systemd does not restart in a loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import stat
 import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from daemon.inbox_filter import WatcherConfigError, ignore_reason
+from daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
+from daemon.store import STATES, JobStore
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,17 +30,181 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fixative",
         description="Protect artwork from Stable Diffusion style mimicry.",
     )
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE",
+        help="settings file (default: $FIXATIVE_CONFIG, then ~/.config/fixative/config.toml)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from daemon import protect_command
 
     protect_command.add_parser(commands)
+
+    p = commands.add_parser("watch", help="watch the inbox and queue finished images (no GPU needed)")
+    p.set_defaults(run=_watch)
+
+    p = commands.add_parser("status", help="is the daemon up, and what is it doing")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    p.set_defaults(run=_status)
+
+    p = commands.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--state", choices=STATES)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_list)
+
+    p = commands.add_parser("retry", help="queue failed jobs again")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", type=int, help="the job id, as `fixative list` shows it")
+    which.add_argument("--failed", action="store_true", help="every failed job")
+    p.set_defaults(run=_retry)
+
+    p = commands.add_parser("enqueue", help="queue images by hand, as if dropped into the inbox")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.set_defaults(run=_enqueue)
+
+    p = commands.add_parser("doctor", help="check torch, the device, the model, folders and inotify limits")
+    p.set_defaults(run=_doctor)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ConfigError, WatcherConfigError) as error:
+        for line in getattr(error, "lines", [str(error)]):
+            print(f"fixative: config: {line}", file=sys.stderr)
+        return EX_CONFIG
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _store(settings: Settings) -> JobStore:
+    return JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
+
+
+def _stop_event() -> threading.Event:
+    """An event set by SIGTERM (systemctl stop) or SIGINT (Ctrl-C)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _watch(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from daemon.logs import configure_logging
+    from daemon.watcher import run_watcher
+
+    configure_logging(args.verbose)
+    return run_watcher(settings, _stop_event())
+
+
+def _status(args: argparse.Namespace) -> int:
+    from daemon.status import EXIT_DAEMON_DOWN, build_report, render
+
+    settings = _settings(args)
+    while True:
+        report = build_report(settings)
+        if args.json:
+            print(json.dumps(report), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\x1b[H\x1b[J", end="")  # redraw in place
+            print(render(report), flush=True)
+        code = 0 if report["up"] else EXIT_DAEMON_DOWN
+        if not args.watch:
+            return code
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return code
+
+
+def _list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.db_path.exists():
+        jobs = []
+    else:
+        store = _store(settings)
+        jobs = store.jobs(args.state, limit=args.limit)
+        store.close()
+    if args.json:
+        print(json.dumps([asdict(job) for job in jobs]))
+        return 0
+    for job in jobs:
+        if job.state == "skipped":
+            note = f"same content as #{job.duplicate_of}"
+        elif job.state == "failed":
+            note = job.error or ""
+        elif job.state == "done":
+            note = f"-> {job.output_path}"
+        elif job.state == "running" and job.progress_total:
+            note = f"step {job.progress_step}/{job.progress_total}"
+        else:
+            note = f"attempt {job.attempts}: {job.error}" if job.error else ""
+        print(f"#{job.id:<5} {job.state:<8} {job.source_path}  {note}".rstrip())
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    store = _store(_settings(args))
+    count = store.retry(args.id, all_failed=args.failed)
+    store.close()
+    if args.id is not None and count == 0:
+        print(f"fixative: job #{args.id} is not a failed job that can be retried", file=sys.stderr)
+        return 1
+    print(f"queued again: {count} job(s)")
+    return 0
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    inbox = settings.inbox.resolve()
+    fingerprint = settings.engine.fingerprint()
+    store = _store(settings)
+    refused = 0
+    for name in args.files:
+        path = name.absolute()
+        # A file in the inbox keeps its subfolder in the export folder, as the watcher's would.
+        base = inbox if path.is_relative_to(inbox) else path.parent
+        problem = _enqueue_problem(path, base)
+        if problem:
+            print(f"fixative: {name}: {problem}", file=sys.stderr)
+            refused += 1
+            continue
+        job = store.enqueue(path, fingerprint, inbox=base)
+        extra = f" (same content as #{job.duplicate_of})" if job.duplicate_of else ""
+        print(f"#{job.id} {job.state}: {path}{extra}")
+    store.close()
+    return 1 if refused else 0
+
+
+def _enqueue_problem(path: Path, base: Path) -> str | None:
+    """The watcher's rules for a file named on the command line; None if it may be queued."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    if stat.S_ISLNK(mode):
+        return "is a symlink; fixative does not follow links, name the file itself"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return ignore_reason(path, base)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from daemon.doctor import FAIL, render, run_checks
+
+    results = run_checks(_settings(args))
+    print(render(results))
+    return 1 if any(level == FAIL for level, _ in results) else 0
 
 
 if __name__ == "__main__":

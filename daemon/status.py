@@ -1,0 +1,115 @@
+"""``fixative status``: what the daemon is doing, read from the job table alone.
+
+It never talks to the daemon's processes: the watcher and the engine write a
+heartbeat row every few seconds, and a process whose heartbeat is older than
+:data:`ALIVE_WITHIN_SECONDS` counts as dead. So status works the same from a
+terminal, a script or a cron job, and cannot hang on a stuck daemon.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from daemon.settings import Settings
+from daemon.store import STATES, Job, JobStore
+
+# Both processes beat at least every 10 s (watcher 5 s, engine worker.heartbeat_seconds),
+# so a minute of silence means the process is gone or stuck, not busy.
+ALIVE_WITHIN_SECONDS = 60.0
+PROCESSES = ("watcher", "engine")
+# LSB's exit status for "program is not running", as `systemctl status` uses it.
+EXIT_DAEMON_DOWN = 3
+
+
+def build_report(settings: Settings, failures: int = 10) -> dict[str, Any]:
+    """The ``status --json`` object. Creates nothing when the daemon has never run."""
+    now = time.time()
+    report: dict[str, Any] = {
+        "up": False,
+        "database": str(settings.db_path),
+        "processes": {name: {"alive": False, "pid": None, "status": "never started", "age_seconds": None}
+                      for name in PROCESSES},
+        "counts": dict.fromkeys(STATES, 0),
+        "running": None,
+        "failures": [],
+        "throughput_24h": {"hours": 24, "done": 0, "failed": 0, "skipped": 0, "mean_seconds": None},
+    }
+    if not settings.db_path.exists():
+        return report
+    store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
+    try:
+        for name, beat in store.processes().items():
+            alive = beat["age_seconds"] < ALIVE_WITHIN_SECONDS and beat["status"] != "stopped"
+            report["processes"][name] = {"alive": alive, **beat}
+        report["up"] = all(report["processes"][name]["alive"] for name in PROCESSES)
+        report["counts"] = store.counts()
+        running = store.running()
+        report["running"] = _running(running, now) if running else None
+        report["failures"] = [
+            {"id": job.id, "path": job.source_path, "error": job.error, "attempts": job.attempts,
+             "failed_at": job.finished_at}
+            for job in store.failures(failures)
+        ]
+        report["throughput_24h"] = store.throughput(24)
+    finally:
+        store.close()
+    return report
+
+
+def _running(job: Job, now: float) -> dict[str, Any]:
+    step, total = job.progress_step, job.progress_total
+    elapsed = now - job.started_at if job.started_at else None
+    per_step = elapsed / step if elapsed and step else None
+    return {
+        "id": job.id,
+        "path": job.source_path,
+        "relative_path": job.relative_path,
+        "attempt": job.attempts,
+        "step": step,
+        "total": total,
+        "percent": round(100 * step / total, 1) if step is not None and total else None,
+        "elapsed_seconds": elapsed,
+        "seconds_per_step": per_step,
+        "eta_seconds": per_step * (total - step) if per_step and total else None,
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report for a person at a terminal."""
+    processes = report["processes"]
+    lines = [
+        f"fixative is {'up' if report['up'] else 'DOWN'}: "
+        + ", ".join(f"{name} {_process(processes[name])}" for name in PROCESSES),
+        " · ".join(f"{state} {report['counts'][state]}" for state in STATES),
+    ]
+    running = report["running"]
+    if running:
+        progress = f"{running['step']}/{running['total']} ({running['percent']}%)" if running["total"] else "starting"
+        speed = f" · {running['seconds_per_step']:.1f} s/step" if running["seconds_per_step"] else ""
+        eta = f" · ETA {_duration(running['eta_seconds'])}" if running["eta_seconds"] is not None else ""
+        lines.append(f"now: {running['relative_path']} {progress}{speed}{eta} (attempt {running['attempt']})")
+    day = report["throughput_24h"]
+    mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""
+    lines.append(f"last 24h: {day['done']} done{mean}, {day['failed']} failed, {day['skipped']} skipped as duplicates")
+    if report["failures"]:
+        lines.append("latest failures (fixative retry ID | --failed):")
+        lines += [f"  #{f['id']} {f['path']}: {f['error']}" for f in report["failures"]]
+    return "\n".join(lines)
+
+
+def _process(beat: dict[str, Any]) -> str:
+    if beat["age_seconds"] is None:
+        return "never started"
+    state = "alive" if beat["alive"] else "dead"
+    detail = f": {beat['status']}" if beat["status"] and beat["alive"] else ""
+    return f"{state} ({_duration(beat['age_seconds'])} ago{detail})"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
