@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from daemon import protect_command
 
-    protect_command.add_parser(commands)
+    protect_command.add_parsers(commands)
 
     p = commands.add_parser("watch", help="watch the inbox and queue finished images (no GPU needed)")
     p.set_defaults(run=_watch)
