@@ -1,0 +1,62 @@
+"""``fixative enqueue``, ``list`` and ``retry`` as real subprocesses on a real job table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.store import JobStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FIXATIVE_", "XDG_"))}
+    (tmp_path / "inbox" / "sub").mkdir(parents=True)
+    return {**clean, "HOME": str(tmp_path), "FIXATIVE_INBOX": str(tmp_path / "inbox"),
+            "FIXATIVE_STATE_DIR": str(tmp_path / "state")}
+
+
+def fixative(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *argv], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=60)
+
+
+def test_enqueue_validates_like_the_watcher(env: dict[str, str], tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "sub" / "a.png").write_bytes(b"a")
+    (tmp_path / "copy.png").write_bytes(b"a")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "link.png").symlink_to(tmp_path / "copy.png")
+    os.mkfifo(tmp_path / "pipe.png")
+
+    done = fixative(env, "enqueue", str(inbox / "sub" / "a.png"), str(tmp_path / "copy.png"),
+                    str(tmp_path / "notes.txt"), str(tmp_path / "link.png"), str(tmp_path / "pipe.png"))
+    assert done.returncode == 1  # some were refused; the others are queued anyway
+    assert "#1 queued" in done.stdout and "#2 skipped" in done.stdout and "same content as #1" in done.stdout
+    for reason in ("not an image extension", "symlink", "not a regular file"):
+        assert reason in done.stderr
+    jobs = json.loads(fixative(env, "list", "--json").stdout)
+    assert [(j["id"], j["state"], j["relative_path"]) for j in jobs] == [(2, "skipped", "copy.png"),
+                                                                       (1, "queued", "sub/a.png")]
+
+
+def test_retry_one_or_all_failed(env: dict[str, str], tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    for name in ("a.png", "b.png"):
+        (tmp_path / "inbox" / name).write_bytes(name.encode())
+        store.enqueue(tmp_path / "inbox" / name, "fp")
+        job = store.claim("engine", 60)
+        store.fail(job.id, "engine", "export folder unwritable", permanent=True)
+
+    assert fixative(env, "retry", "1").returncode == 0
+    assert fixative(env, "retry", "1").returncode == 1  # no longer failed
+    assert "queued again: 1 job(s)" in fixative(env, "retry", "--failed").stdout
+    assert fixative(env, "list", "--state", "failed", "--json").stdout.strip() == "[]"
+    assert fixative(env, "retry").returncode == 2  # argparse: an id or --failed is required
