@@ -1,6 +1,6 @@
 """``fixative watch``: notice finished images in the inbox and queue each one once.
 
-Three threads of thought, kept apart on purpose:
+Three ideas, kept apart on purpose:
 
 1. watchdog's observer thread calls :class:`_EventRecorder`, which only puts
    paths on a queue. Nothing there touches the disk or the database, because
@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import structlog
@@ -87,7 +88,7 @@ class _EventRecorder(FileSystemEventHandler):
 
 
 class _Watcher:
-    """The main loop's state: what is settling and what is already queued."""
+    """The main loop's state: what is settling and what is already handled."""
 
     def __init__(self, settings: Settings, store: JobStore, inbox: Path) -> None:
         self.inbox = inbox
@@ -102,7 +103,7 @@ class _Watcher:
         # we already handled; an unchanged stat means there is nothing new.
         # (The job table would dedupe them anyway, but only after hashing.)
         self.handled: dict[Path, tuple[int, int]] = {}
-        self.queued = 0
+        self.recorded = 0  # files written to the job table since start, refusals included
         self.refused = 0
 
     def run(self, observer: BaseObserver, stop: threading.Event) -> int:
@@ -169,15 +170,20 @@ class _Watcher:
         if self.handled.get(path) == key:
             return
         try:
-            reason = refusal_reason(path, self.inbox)  # again, right before use: it may have been swapped
+            # Checked here, right before use, not when the event came: the
+            # file may have been swapped for a symlink while it settled.
+            reason = refusal_reason(path, self.inbox)
             if reason is not None:
-                self.store.record_refusal(path, reason)
+                job = self.store.record_refusal(path, reason)
                 self.refused += 1
-                log.warning("watcher.refused", path=str(path), reason=reason)
+                log.warning("watcher.refused", path=str(path), job_id=job.id, reason=reason)
             else:
+                # The job's state says what happened: "queued" for new content,
+                # "skipped" for a copy of known content, or the state of the
+                # job this exact file already has (after a restart, say).
                 job = self.store.enqueue(path, self.fingerprint, inbox=self.inbox)
-                self.queued += 1
-                log.info("watcher.queued", path=str(path), job_id=job.id, state=job.state)
+                log.info("watcher.recorded", path=str(path), job_id=job.id, state=job.state)
+            self.recorded += 1
         except FileNotFoundError:
             return  # removed or renamed between settling and now; its new name has its own event
         except Exception as error:
@@ -188,7 +194,10 @@ class _Watcher:
         self.handled[path] = key
 
     def status_text(self) -> str:
-        return f"watching {self.inbox} · {len(self.tracker)} settling · {self.queued} queued, {self.refused} refused"
+        return (
+            f"watching {self.inbox} · {len(self.tracker)} settling · "
+            f"{self.recorded} recorded since start ({self.refused} refused)"
+        )
 
 
 def _log_unreadable(error: OSError) -> None:
@@ -215,6 +224,9 @@ def _start_observer(settings: Settings, inbox: Path, handler: _EventRecorder, *,
             raise
         # inotify needs one watch per folder, and the default limit is low on
         # older distributions. Polling is slower to notice files but works.
+        # watchdog raises this only when the inbox itself cannot be watched: a
+        # subfolder it cannot watch is skipped silently (observers/inotify.py,
+        # _add_callback), and the periodic rescan is what finds files there.
         log.error(
             "watcher.inotify_limit",
             error=str(error),
@@ -246,16 +258,15 @@ def run_watcher(settings: Settings, stop: threading.Event) -> int:
     with (the CLI exits 78 on it).
     """
     inbox = _prepare_inbox(settings)
-    store = JobStore(settings.db_path)
-    watcher = _Watcher(settings, store, inbox)
-    observer = _start_observer(settings, inbox, _EventRecorder(watcher.events), polling=settings.watcher.polling)
-    log.info("watcher.started", inbox=str(inbox), observer=type(observer).__name__)
-    # The observer starts before the first scan, so a file arriving during the
-    # scan is seen by one or the other, never by neither.
-    try:
-        return watcher.run(observer, stop)
-    finally:
-        observer.stop()
-        observer.join(timeout=10)
-        store.close()
-        log.info("watcher.stopped")
+    with closing(JobStore(settings.db_path)) as store:
+        watcher = _Watcher(settings, store, inbox)
+        observer = _start_observer(settings, inbox, _EventRecorder(watcher.events), polling=settings.watcher.polling)
+        log.info("watcher.started", inbox=str(inbox), observer=type(observer).__name__)
+        # The observer starts before the first scan, so a file arriving during
+        # the scan is seen by one or the other, never by neither.
+        try:
+            return watcher.run(observer, stop)
+        finally:
+            observer.stop()
+            observer.join(timeout=10)
+            log.info("watcher.stopped")
