@@ -47,8 +47,9 @@ def build_report(settings: Settings, failures: int = 10) -> dict[str, Any]:
         running = store.running()
         report["running"] = _running(running, now) if running else None
         report["failures"] = [
-            {"id": job.id, "path": job.source_path, "error": job.error, "attempts": job.attempts,
-             "failed_at": job.finished_at}
+            # "queued" here means the failure was transient and it will be retried by itself.
+            {"id": job.id, "path": job.source_path, "error": job.error, "state": job.state,
+             "attempts": job.attempts, "at": job.updated_at}
             for job in store.failures(failures)
         ]
         report["throughput_24h"] = store.throughput(24)
@@ -94,7 +95,8 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"last 24h: {day['done']} done{mean}, {day['failed']} failed, {day['skipped']} skipped as duplicates")
     if report["failures"]:
         lines.append("latest failures (fixative retry ID | --failed):")
-        lines += [f"  #{f['id']} {f['path']}: {f['error']}" for f in report["failures"]]
+        lines += [f"  #{f['id']} {f['path']}: {f['error']}{' (will retry)' if f['state'] == 'queued' else ''}"
+                  for f in report["failures"]]
     return "\n".join(lines)
 
 

@@ -57,7 +57,7 @@ MIGRATIONS = [
         not_before REAL,                  -- retry backoff: not claimed before this time
         progress_step INTEGER,
         progress_total INTEGER,
-        output_path TEXT,
+        output_path TEXT,                 -- planned while running, written once done
         error TEXT,
         metrics TEXT,                     -- JSON object
         duplicate_of INTEGER REFERENCES jobs(id),
@@ -322,14 +322,36 @@ class JobStore:
                      WHERE id = :id AND owner = :owner AND state = 'running'"""
         return self._update(sql, params)
 
-    def release(self, job_id: int, owner: str) -> bool:
-        """Give a job back without counting the attempt (the engine was asked to stop)."""
+    def release(self, job_id: int, owner: str, error: str | None = None) -> bool:
+        """Give a job back without counting the attempt.
+
+        For the engine being asked to stop, and for failures that are the
+        machine's fault rather than the image's (export folder unwritable, disk
+        full): those must not use up the image's attempts. ``error`` says why.
+        """
         return self._update(
             """UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, attempts = attempts - 1,
-                      progress_step = NULL, progress_total = NULL, updated_at = :now
+                      progress_step = NULL, progress_total = NULL, error = :error, updated_at = :now
                WHERE id = :id AND owner = :owner AND state = 'running'""",
-            {"id": job_id, "owner": owner},
+            {"id": job_id, "owner": owner, "error": error},
         )
+
+    def plan_output(self, job_id: int, owner: str, output_path: Path | str) -> bool:
+        """Record where the output will be written, before writing it.
+
+        If the engine dies between writing the file and :meth:`finish`, the
+        next attempt finds its own file here and replaces it, instead of
+        taking it for someone else's and writing a second copy beside it.
+        """
+        return self._update(
+            "UPDATE jobs SET output_path = :output, updated_at = :now WHERE id = :id AND owner = :owner AND state = 'running'",
+            {"id": job_id, "owner": owner, "output": str(output_path)},
+        )
+
+    def output_taken(self, output_path: Path | str, job_id: int) -> bool:
+        """Whether another job has written, or planned to write, ``output_path``."""
+        return bool(self._rows("SELECT 1 FROM jobs WHERE output_path = ? AND id != ? LIMIT 1",
+                               (str(output_path), job_id)))
 
     # -- the CLI's side ---------------------------------------------------
 
@@ -375,7 +397,12 @@ class JobStore:
         return self._job("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at DESC LIMIT 1")
 
     def failures(self, limit: int = 10) -> list[Job]:
-        rows = self._rows("SELECT * FROM jobs WHERE state = 'failed' ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
+        """The latest failures: failed jobs, and queued ones whose last attempt failed and that will be retried."""
+        rows = self._rows(
+            """SELECT * FROM jobs WHERE state = 'failed' OR (state = 'queued' AND error IS NOT NULL)
+               ORDER BY updated_at DESC, id DESC LIMIT ?""",
+            (limit,),
+        )
         return [Job.from_row(r) for r in rows]
 
     def jobs(self, state: str | None = None, limit: int = 100) -> list[Job]:

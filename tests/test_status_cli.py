@@ -62,8 +62,8 @@ def test_status_reports_progress_failures_and_liveness(env: dict[str, str], tmp_
     assert running["seconds_per_step"] == pytest.approx(2.0, rel=0.2)
     assert running["eta_seconds"] == pytest.approx(160, rel=0.2)
     assert report["failures"] == [{"id": bad.id, "path": str(tmp_path / "inbox" / "a.png"),
-                                   "error": "not an image: cannot identify image file", "attempts": 1,
-                                   "failed_at": report["failures"][0]["failed_at"]}]
+                                   "error": "not an image: cannot identify image file", "state": "failed",
+                                   "attempts": 1, "at": report["failures"][0]["at"]}]
     assert report["processes"]["engine"]["alive"] and report["processes"]["watcher"]["alive"]
     assert "throughput_24h" in report
     assert "b.png 20/100 (20.0%)" in fixative(env, "status").stdout

@@ -143,7 +143,23 @@ def test_release_does_not_count_the_attempt(store: JobStore, inbox: Path) -> Non
     job = store.claim("engine", 60)
     assert store.release(job.id, "engine")
     assert store.get(job.id).attempts == 0
-    assert store.claim("engine", 60).attempts == 1
+    assert store.failures() == []  # asked to stop: not a failure
+    job = store.claim("engine", 60)
+    assert job.attempts == 1
+    # The machine's fault (export folder unwritable): shown as a failure that will be retried.
+    assert store.release(job.id, "engine", error="cannot write to /export: Permission denied")
+    assert [(j.state, j.attempts, j.error) for j in store.failures()] == [
+        ("queued", 0, "cannot write to /export: Permission denied")]
+
+
+def test_planned_output_is_reserved_for_its_job(store: JobStore, inbox: Path) -> None:
+    a = store.enqueue(drop(inbox, "a.png", b"a"), "fp")
+    b = store.enqueue(drop(inbox, "a.jpg", b"b"), "fp")
+    job = store.claim("engine", lease_seconds=-1)
+    assert store.plan_output(job.id, "engine", "/export/a.png")
+    assert store.output_taken("/export/a.png", b.id) and not store.output_taken("/export/a.png", a.id)
+    again = store.claim("engine", 60)  # the engine died after planning: its retry finds the plan
+    assert again.id == a.id and again.output_path == "/export/a.png"
 
 
 def test_counts_always_name_every_state(store: JobStore) -> None:
