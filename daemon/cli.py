@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("watch", help="watch the inbox and queue finished images (no GPU needed)")
     p.set_defaults(run=_watch)
 
+    p = commands.add_parser("engine", help="protect queued images with the GPU (one process per machine)")
+    p.set_defaults(run=_engine)
+
+    p = commands.add_parser("run", help="the daemon: watcher + engine, as the systemd unit starts it")
+    p.set_defaults(run=_run)
+
     p = commands.add_parser("status", help="is the daemon up, and what is it doing")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
@@ -104,6 +110,30 @@ def _watch(args: argparse.Namespace) -> int:
 
     configure_logging(args.verbose)
     return run_watcher(settings, _stop_event())
+
+
+def _engine(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from daemon.logs import configure_logging
+    from daemon.worker import run_engine
+
+    configure_logging(args.verbose)
+    return run_engine(settings, _stop_event())
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from daemon.logs import configure_logging
+    from daemon.supervisor import run_daemon
+
+    configure_logging(args.verbose)
+    # The child reads the same config file as this process, with the same flags.
+    engine_command = [sys.executable, "-m", "daemon.cli"]
+    if args.config:
+        engine_command += ["--config", str(args.config.absolute())]
+    if args.verbose:
+        engine_command.append("--verbose")
+    return run_daemon(settings, _stop_event(), engine_command + ["engine"])
 
 
 def _status(args: argparse.Namespace) -> int:

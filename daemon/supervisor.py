@@ -1,0 +1,160 @@
+"""``fixative run``: the watcher in this process, the engine as a child it restarts.
+
+This is what the systemd unit starts. Why two processes: the engine holds
+gigabytes of model and talks to a GPU driver; when it crashes or is killed by
+the OOM killer, the watcher must keep queueing files, and the engine comes
+back on its own. Why not two units: one service is simpler to install and to
+reason about for an artist.
+
+Only this process talks to systemd (``NotifyAccess=main``): the engine child
+gets no ``NOTIFY_SOCKET`` and reports through its heartbeat row in the job
+table, which this loop reads to send READY (once the model is loaded),
+STATUS (the engine's own line) and WATCHDOG (only while both the watcher and
+the engine beat, and they only beat while they progress).
+
+This process never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import structlog
+
+from daemon.inbox_filter import WatcherConfigError
+from daemon.notify import notify, watchdog_interval
+from daemon.settings import EX_CONFIG, Settings
+from daemon.status import ALIVE_WITHIN_SECONDS
+from daemon.store import JobStore
+
+log = structlog.get_logger()
+
+TICK_SECONDS = 1.0
+# Restart backoff for an engine that keeps dying early (a broken driver):
+# doubling from 5 s, at most 5 minutes, well inside the unit's WatchdogSec.
+RESTART_MIN_SECONDS, RESTART_MAX_SECONDS = 5.0, 300.0
+# An engine that ran this long before dying was working; restart it quickly.
+HEALTHY_RUN_SECONDS = 600.0
+# Waiting for the engine to finish or release its job on stop; the unit's
+# TimeoutStopSec (180 s) SIGKILLs everything shortly after.
+ENGINE_STOP_SECONDS = 170.0
+
+
+class _WatcherThread(threading.Thread):
+    def __init__(self, settings: Settings):
+        super().__init__(name="watcher")
+        self.settings = settings
+        self.stop = threading.Event()
+        self.exit_code: int | None = None
+
+    def run(self) -> None:
+        from daemon.watcher import run_watcher
+
+        try:
+            self.exit_code = run_watcher(self.settings, self.stop)
+        except WatcherConfigError as error:
+            log.error("watcher.config_error", error=str(error))
+            self.exit_code = EX_CONFIG
+        except Exception:
+            log.exception("watcher.crashed")
+            self.exit_code = 1
+
+
+def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[str]) -> int:
+    """Supervise until ``stop`` is set or the watcher dies; returns the exit status."""
+    store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
+    watcher = _WatcherThread(settings)
+    watcher.start()
+    engine = _Engine(engine_command)
+    ready = False
+    last_status = ""
+    ping_every = watchdog_interval()
+    next_ping = 0.0
+    try:
+        while not stop.is_set():
+            if not watcher.is_alive():
+                log.error("run.watcher_stopped", exit_code=watcher.exit_code)
+                return watcher.exit_code or 1
+            code = engine.poll_and_restart(stop)
+            if code == EX_CONFIG:
+                return EX_CONFIG  # the engine logged why (model missing...); restarting cannot help
+            beats = store.processes()
+            engine_beat = beats.get("engine")
+            engine_fresh = _fresh(engine_beat) and engine_beat["pid"] == engine.pid
+            if engine_fresh:
+                if not ready and engine_beat["status"] != "loading model":
+                    notify("READY=1")
+                    ready = True
+                if engine_beat["status"] != last_status:
+                    last_status = engine_beat["status"]
+                    notify(f"STATUS={last_status}")
+            if ping_every and engine_fresh and _fresh(beats.get("watcher")) and time.monotonic() >= next_ping:
+                notify("WATCHDOG=1")
+                next_ping = time.monotonic() + ping_every
+            stop.wait(TICK_SECONDS)
+        return 0
+    finally:
+        notify("STOPPING=1", "STATUS=stopping: letting the engine finish or release its job")
+        watcher.stop.set()
+        engine.terminate()
+        watcher.join(timeout=30)
+        store.close()
+
+
+def _fresh(beat: dict | None) -> bool:
+    return beat is not None and beat["age_seconds"] < ALIVE_WITHIN_SECONDS and beat["status"] != "stopped"
+
+
+class _Engine:
+    """The engine child process, restarted with a backoff when it dies."""
+
+    def __init__(self, command: list[str]):
+        self.command = command
+        # The child must not notify systemd itself (NotifyAccess=main would
+        # reject it and log a warning on every message).
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        self.quick_deaths = 0  # deaths in a row that came soon after a start
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, env=self.env)
+        self.started = time.monotonic()
+        log.info("run.engine_started", pid=self.process.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def poll_and_restart(self, stop: threading.Event) -> int | None:
+        """If the engine died, restart it (after a backoff) and return its exit code; None if it runs."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        if code == EX_CONFIG:
+            log.error("run.engine_config_error", hint="see the engine's error above; fix it and restart")
+            return code
+        lived = time.monotonic() - self.started
+        if lived > HEALTHY_RUN_SECONDS:
+            self.quick_deaths = 0
+        delay = min(RESTART_MIN_SECONDS * 2**self.quick_deaths, RESTART_MAX_SECONDS)
+        self.quick_deaths += 1
+        log.warning("run.engine_died", exit_code=code, lived_seconds=round(lived), restart_in_seconds=delay)
+        if not stop.wait(delay):
+            self.start()
+        return code
+
+    def terminate(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=ENGINE_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.error("run.engine_kill", hint="did not stop in time; its job's lease will expire and requeue it")
+            self.process.kill()
+            self.process.wait()

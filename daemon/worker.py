@@ -1,0 +1,352 @@
+"""``fixative engine``: the one process that owns the GPU and drains the job table.
+
+Load the model once, then: claim a job, protect it, write the output
+atomically, record the metrics, repeat. What keeps work from being lost or
+done twice lives in ``daemon.store``; this module decides what each kind of
+failure means:
+
+* the image's fault, for good (``EngineError.permanent``: not an image, a
+  decompression bomb...): the job fails at once, with the engine's message;
+* the image's fault, maybe not for good (GPU out of memory for this size, an
+  unexpected exception): retried after a growing backoff, and failed after
+  ``max_attempts``, so a poison image cannot loop forever;
+* the machine's fault (export folder unwritable, disk full): the job goes back
+  to the queue *without* using an attempt, the reason is shown by
+  ``fixative status``, and the engine pauses before claiming again. Once the
+  folder is fixed, the work resumes by itself.
+
+A background :class:`_Pulse` thread renews the lease, records progress and
+tells systemd we are alive, but only while the main loop really advances: a
+hung GPU driver must look dead, not busy.
+
+Importing this module does not import torch; :func:`run_engine` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import structlog
+
+from daemon.notify import notify, watchdog_interval
+from daemon.settings import EX_CONFIG, Settings
+from daemon.store import Job, JobStore, file_sha256
+
+log = structlog.get_logger()
+
+IDLE_POLL_SECONDS = 1.0  # how soon a queued file starts; one indexed query per poll
+# On SIGTERM, a job this close to done is finished rather than thrown away; the
+# unit's TimeoutStopSec (180 s) leaves room for it.
+FINISH_ON_STOP_SECONDS = 60.0
+MAX_PAUSE_SECONDS = 600.0  # longest wait between tries while the export folder is unusable
+OUTPUT_MODE = 0o644  # mkstemp makes files 0600; protected copies are meant to be shared
+
+
+class _Stop(Exception):
+    """Raised from the progress callback to abandon the current job."""
+
+
+class MachineError(Exception):
+    """A failure that is the machine's fault, not the image's; retried without using an attempt."""
+
+
+class _Pulse(threading.Thread):
+    """Renews the lease, records progress, beats for ``fixative status`` and pings systemd's watchdog.
+
+    It only does so while the main loop reports progress (a PGD step, an idle
+    poll) within ``lease_seconds``. A step hung in the GPU driver stops the
+    pulse: the engine shows as dead, systemd's watchdog restarts the service,
+    and the lease expires so the job is claimed again.
+    """
+
+    def __init__(self, store: JobStore, settings: Settings, owner: str):
+        super().__init__(name="engine-pulse", daemon=True)
+        self.store, self.owner = store, owner
+        self.lease = settings.worker.lease_seconds
+        self.interval = min(settings.worker.heartbeat_seconds, watchdog_interval() or float("inf"))
+        self.job: Job | None = None
+        self.step: int | None = None
+        self.total: int | None = None
+        self.status = "loading model"
+        self.loading = True  # loading a model from a cold disk may take longer than a lease; it is not a stall
+        self.last_progress = time.monotonic()
+        self.lost = threading.Event()  # our job was taken from us: abandon it
+        self.wake = threading.Event()
+        self.quit = threading.Event()
+
+    def progressed(self, status: str | None = None) -> None:
+        self.last_progress = time.monotonic()
+        if status is not None and status != self.status:
+            self.status = status
+            self.wake.set()  # show a new state (ready, protecting x) now, not at the next heartbeat
+
+    def start_job(self, job: Job) -> None:
+        self.job, self.step, self.total = job, None, None
+        self.lost.clear()
+        self.progressed(f"protecting {job.relative_path}")
+
+    def end_job(self) -> None:
+        self.job = None
+
+    def run(self) -> None:
+        while not self.quit.is_set():
+            try:
+                self.pulse()
+            except Exception:  # a locked or full database must not silently end the heartbeats
+                log.exception("engine.pulse_failed")
+            self.wake.wait(self.interval)
+            self.wake.clear()
+
+    def pulse(self) -> None:
+        if not self.loading and time.monotonic() - self.last_progress > self.lease:
+            log.warning("engine.stalled", seconds=round(time.monotonic() - self.last_progress), status=self.status)
+            return
+        job = self.job
+        status = self.status
+        if job is not None:
+            if not self.store.heartbeat(job.id, self.owner, self.lease, self.step, self.total):
+                self.lost.set()
+            if self.total:
+                status = f"protecting {job.relative_path} {100 * (self.step or 0) // self.total}%"
+        status += f" · {self.store.counts()['queued']} queued"
+        self.store.beat("engine", status)
+        notify("WATCHDOG=1", f"STATUS={status}")
+
+
+class Engine:
+    def __init__(self, settings: Settings, store: JobStore, stop: threading.Event):
+        self.settings, self.store, self.stop = settings, store, stop
+        # Unique per process start: a restarted engine must not pass the owner
+        # guard of jobs its previous life claimed.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.pulse = _Pulse(store, settings, self.owner)
+        self.pause_seconds = settings.worker.retry_backoff_seconds
+        self.model: Any = None
+
+    def run(self) -> int:
+        from daemon.logs import adopt_library_loggers
+        from engine.errors import EngineError
+        from engine.model import load_model
+
+        self.pulse.start()
+        try:
+            log.info("engine.loading_model", model=self.settings.engine.model)
+            try:
+                self.model = load_model(self.settings.engine)
+            except EngineError as error:
+                # Missing model, pickle checkpoint, no GPU: a restart cannot fix
+                # it, so exit as a config error and let systemd stop (status 78).
+                log.error("engine.cannot_load_model", error=str(error))
+                return EX_CONFIG
+            adopt_library_loggers()  # diffusers/transformers installed their own handlers on import
+            log.info("engine.ready", device=str(self.model.device), model=self.model.source)
+            self.pulse.loading = False
+            self.pulse.progressed("idle")
+            notify("READY=1", "STATUS=idle")
+            while not self.stop.is_set():
+                job = self.store.claim(self.owner, self.settings.worker.lease_seconds)
+                if job is None:
+                    self.pulse.progressed("idle")
+                    self.stop.wait(IDLE_POLL_SECONDS)
+                    continue
+                with structlog.contextvars.bound_contextvars(job_id=job.id, path=job.relative_path):
+                    self.pulse.start_job(job)
+                    try:
+                        self.handle(job)
+                    finally:
+                        self.pulse.end_job()
+            return 0
+        finally:
+            self.pulse.quit.set()
+            self.pulse.wake.set()
+            self.pulse.join()
+            self.store.beat("engine", "stopped")
+            notify("STOPPING=1")
+
+    def handle(self, job: Job) -> None:
+        """Protect one claimed job and record how it ended. Never raises for a job's own failure."""
+        import torch
+
+        from engine.errors import EngineError
+
+        started = time.monotonic()
+        try:
+            output, metrics = self.protect(job)
+        except _Stop:
+            if self.pulse.lost.is_set():
+                log.warning("engine.job_taken_over")  # reclaimed elsewhere: leave the row alone
+            else:
+                self.store.release(job.id, self.owner)
+                log.info("engine.job_released", reason="stopping")
+            return
+        except EngineError as error:
+            self.failed(job, str(error), permanent=error.permanent)
+            return
+        except MachineError as error:
+            self.store.release(job.id, self.owner, error=f"{error} (will retry)")
+            log.warning("engine.machine_error", error=str(error), pause_seconds=self.pause_seconds)
+            self.pulse.progressed(f"waiting {self.pause_seconds:.0f}s: {error}")
+            self.stop.wait(self.pause_seconds)
+            self.pause_seconds = min(self.pause_seconds * 2, MAX_PAUSE_SECONDS)
+            return
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()  # give the next (maybe smaller) image a clean GPU
+            self.failed(job, f"out of memory: {error}".splitlines()[0], permanent=False)
+            return
+        except Exception as error:  # a bug or a library failure: retried, but only max_attempts times
+            log.exception("engine.unexpected_error")
+            self.failed(job, f"{type(error).__name__}: {error}", permanent=False)
+            return
+        self.pause_seconds = self.settings.worker.retry_backoff_seconds
+        if not self.store.finish(job.id, self.owner, output, metrics):
+            log.warning("engine.job_taken_over", output=str(output))
+            return
+        # The one summary line per job: the engine's scalar figures (PSNR, gain...) plus where it went.
+        figures = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        log.info("job.done", **{**figures, "output": str(output), "job_seconds": round(time.monotonic() - started, 1)})
+        if self.settings.after == "archive":
+            self.archive(job)
+
+    def failed(self, job: Job, error: str, *, permanent: bool) -> None:
+        backoff = self.settings.worker.retry_backoff_seconds * 2 ** (job.attempts - 1)
+        self.store.fail(job.id, self.owner, error, permanent=permanent, retry_after_seconds=backoff)
+        log.warning("job.failed", error=error, permanent=permanent, attempt=job.attempts,
+                    retry_in_seconds=None if permanent else backoff)
+
+    def protect(self, job: Job) -> tuple[Path, dict[str, Any]]:
+        from engine.errors import BadImage
+        from engine.imaging import OUTPUT_FORMATS
+        from engine.protect import protect_file
+
+        source = Path(job.source_path)
+        problem = _source_problem(source, job.sha256)
+        if problem:
+            raise BadImage(problem)
+        output = self.choose_output(job, OUTPUT_FORMATS[self.settings.engine.format])
+        _check_writable(output.parent)  # before minutes of GPU time, not after
+        protected = protect_file(source, self.model, self.settings.engine, progress=self.on_progress)
+        if not self.store.plan_output(job.id, self.owner, output):
+            self.pulse.lost.set()
+            raise _Stop()
+        try:
+            write_atomically(output, protected.data)
+        except OSError as error:
+            raise MachineError(f"cannot write {output}: {error.strerror or error}") from error
+        return output, {**protected.report, "warnings": protected.warnings, "output_bytes": len(protected.data)}
+
+    def on_progress(self, step: int, total: int, loss: float) -> None:
+        """Called by the engine after every PGD step; raising here abandons the job."""
+        self.pulse.step, self.pulse.total = step, total
+        self.pulse.progressed()
+        if self.pulse.lost.is_set():
+            raise _Stop()
+        if self.stop.is_set():
+            per_step = (time.time() - (self.pulse.job.started_at or time.time())) / max(step, 1)
+            if per_step * (total - step) > FINISH_ON_STOP_SECONDS:
+                raise _Stop()
+
+    def choose_output(self, job: Job, suffix: str) -> Path:
+        """Where this job's output goes: the inbox's subfolders mirrored under ``export_dir``.
+
+        Never an existing file or a name another job has planned: a second
+        ``a.png`` from ``a.jpg`` becomes ``a-2.png``. A name planned by an
+        earlier attempt of this job is reused, so a crash after the write
+        leaves one file, not two.
+        """
+        if job.output_path:
+            return Path(job.output_path)
+        relative = PurePosixPath(job.relative_path)
+        folder = self.settings.export_dir.joinpath(*relative.parent.parts)
+        for n in range(1, 10_000):
+            candidate = folder / f"{relative.stem}{'' if n == 1 else f'-{n}'}{suffix}"
+            if not os.path.lexists(candidate) and not self.store.output_taken(candidate, job.id):
+                return candidate
+        raise MachineError(f"no free file name for {relative.stem}{suffix} in {folder}")
+
+    def archive(self, job: Job) -> None:
+        """``after = "archive"``: move the original out of the inbox, never over another file."""
+        source = Path(job.source_path)
+        try:
+            if _source_problem(source, job.sha256):
+                log.info("engine.not_archived", reason="the original changed or moved since it was queued")
+                return
+            relative = PurePosixPath(job.relative_path)
+            folder = self.settings.archive_dir.joinpath(*relative.parent.parts)
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / relative.name
+            n = 2
+            while os.path.lexists(target):
+                target = folder / f"{relative.stem}-{n}{relative.suffix}"
+                n += 1
+            shutil.move(source, target)  # a rename, or copy + delete across file systems
+            log.info("engine.archived", to=str(target))
+        except OSError as error:  # the protected copy is done; an archive failure only leaves the original in place
+            log.warning("engine.archive_failed", error=str(error))
+
+
+def _source_problem(path: Path, sha256: str | None) -> str | None:
+    """Check the original again right before use: it may have changed since the watcher saw it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return f"{path} is gone: it was moved or deleted after it was queued"
+    if not stat.S_ISREG(mode):  # swapped for a symlink or a FIFO since it was queued
+        return f"{path} is no longer a regular file"
+    if file_sha256(path) != sha256:
+        return f"{path} changed after it was queued; its new content gets a job of its own"
+    return None
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise MachineError(f"cannot write in the export folder {folder}: {error.strerror or error}") from error
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it is either absent or complete, even across a power cut.
+
+    A temp file in the same folder (so the rename cannot cross file systems),
+    fsync, rename over, then fsync the folder so the rename itself is on disk.
+    The temp name is hidden, so sync clients watching the export folder skip it.
+    """
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, OUTPUT_MODE)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def run_engine(settings: Settings, stop: threading.Event) -> int:
+    """Run until ``stop`` is set; returns the exit status (0, or EX_CONFIG if the model cannot load)."""
+    store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
+    try:
+        return Engine(settings, store, stop).run()
+    finally:
+        store.close()

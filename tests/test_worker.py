@@ -1,0 +1,176 @@
+"""The engine worker: where outputs go, what each failure means, stopping, archiving.
+
+Most tests drive :class:`daemon.worker.Engine` in-process with a stand-in for
+``engine.protect.protect_file``, on a real job table and real folders, so they
+run in milliseconds. ``tests/test_engine_process.py`` runs the real thing.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import engine.protect
+from daemon.settings import Settings
+from daemon.store import JobStore
+from daemon.worker import Engine, write_atomically
+from engine.errors import BadImage
+from engine.protect import Protected
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    (tmp_path / "inbox" / "sub").mkdir(parents=True)
+    return Settings(inbox=tmp_path / "inbox", export_dir=tmp_path / "export", state_dir=tmp_path / "state",
+                    archive_dir=tmp_path / "originals", worker={"retry_backoff_seconds": 30})
+
+
+@pytest.fixture
+def store(settings: Settings) -> JobStore:
+    return JobStore(settings.db_path)
+
+
+@pytest.fixture
+def worker(settings: Settings, store: JobStore) -> Engine:
+    engine = Engine(settings, store, threading.Event())
+    engine.model = SimpleNamespace(device=torch.device("cpu"))
+    engine.stop.wait = lambda seconds: engine.stop.is_set()  # no real pauses in tests
+    return engine
+
+
+@pytest.fixture
+def protect(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Replace the engine's protect_file; append an exception to make the next call raise it."""
+    raising: list = []
+
+    def fake(path: Path, model, options, progress=None) -> Protected:
+        for step in (1, 2):
+            progress(step, 2, 0.5)
+        if raising:
+            raise raising.pop(0)
+        return Protected(data=b"protected " + Path(path).read_bytes(), suffix=".png", report={"psnr": 40.0})
+
+    monkeypatch.setattr(engine.protect, "protect_file", fake)
+    return raising
+
+
+def drop(settings: Settings, name: str, content: bytes) -> Path:
+    path = settings.inbox / name
+    path.write_bytes(content)
+    return path
+
+
+def run_one(worker: Engine, store: JobStore):
+    job = store.claim(worker.owner, 60)
+    worker.pulse.start_job(job)
+    worker.handle(job)
+    return store.get(job.id)
+
+
+def test_outputs_mirror_subfolders_and_never_overwrite(worker, store, settings, protect) -> None:
+    unrelated = settings.export_dir / "sub" / "a.png"
+    unrelated.parent.mkdir(parents=True)
+    unrelated.write_bytes(b"the artist's own file")
+    sources = [drop(settings, "sub/a.png", b"one"), drop(settings, "sub/a.jpg", b"two")]
+    for source in sources:
+        store.enqueue(source, "fp", inbox=settings.inbox)
+
+    first, second = run_one(worker, store), run_one(worker, store)
+    assert (first.state, second.state) == ("done", "done")
+    assert first.output_path == str(settings.export_dir / "sub" / "a-2.png")
+    assert second.output_path == str(settings.export_dir / "sub" / "a-3.png")
+    assert Path(first.output_path).read_bytes() == b"protected one"
+    assert unrelated.read_bytes() == b"the artist's own file"
+    assert first.metrics["psnr"] == 40.0
+    assert [p.read_bytes() for p in sources] == [b"one", b"two"]  # originals untouched
+    assert not list(settings.export_dir.rglob(".*.tmp"))
+
+
+def test_a_crash_after_writing_leaves_one_output(worker, store, settings, protect) -> None:
+    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
+    job = store.claim("engine-that-died", lease_seconds=-1)
+    planned = settings.export_dir / "a.png"
+    store.plan_output(job.id, "engine-that-died", planned)
+    planned.parent.mkdir()
+    planned.write_bytes(b"written just before the crash")
+
+    assert run_one(worker, store).output_path == str(planned)
+    assert [p.name for p in settings.export_dir.iterdir()] == ["a.png"]
+    assert planned.read_bytes() == b"protected one"
+
+
+def test_unusable_export_folder_keeps_the_job_and_its_attempts(worker, store, settings, protect) -> None:
+    settings.export_dir.write_text("a file where the export folder should be")
+    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
+
+    job = run_one(worker, store)
+    assert (job.state, job.attempts) == ("queued", 0)
+    assert "cannot write in the export folder" in job.error and job.error.endswith("(will retry)")
+    assert store.failures()[0].id == job.id  # fixative status shows why
+
+    settings.export_dir.unlink()  # the artist fixes it; the engine resumes by itself
+    assert run_one(worker, store).state == "done"
+
+
+def test_each_kind_of_failure(worker, store, settings, protect) -> None:
+    for name in ("bad.png", "oom.png", "bug.png"):
+        store.enqueue(drop(settings, name, name.encode()), "fp", inbox=settings.inbox)
+    protect += [BadImage("not an image"), torch.OutOfMemoryError("CUDA out of memory"), KeyError("surprise")]
+
+    bad, oom, bug = (run_one(worker, store) for _ in range(3))
+    assert (bad.state, bad.error) == ("failed", "not an image")
+    assert (oom.state, oom.attempts, oom.error) == ("queued", 1, "out of memory: CUDA out of memory")
+    assert oom.not_before > oom.updated_at + 29  # backoff before the next attempt
+    assert (bug.state, bug.error) == ("queued", "KeyError: 'surprise'")
+
+
+def test_stop_releases_a_long_job(worker, store, settings, protect, monkeypatch) -> None:
+    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
+    monkeypatch.setattr("daemon.worker.FINISH_ON_STOP_SECONDS", -1)  # every job is "too long" to finish
+    worker.stop.set()  # SIGTERM arrived
+    job = run_one(worker, store)
+    assert (job.state, job.attempts, job.error) == ("queued", 0, None)
+    assert not settings.export_dir.exists() or not any(settings.export_dir.iterdir())
+
+
+def test_stop_finishes_a_job_that_is_nearly_done(worker, store, settings, protect) -> None:
+    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
+    worker.stop.set()
+    assert run_one(worker, store).state == "done"
+
+
+def test_source_changed_or_replaced_since_queued(worker, store, settings, protect) -> None:
+    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
+    store.enqueue(drop(settings, "b.png", b"two"), "fp", inbox=settings.inbox)
+    drop(settings, "a.png", b"edited")
+    (settings.inbox / "b.png").unlink()
+    (settings.inbox / "b.png").symlink_to("/etc/passwd")
+
+    changed, replaced = run_one(worker, store), run_one(worker, store)
+    assert changed.state == "failed" and "changed after it was queued" in changed.error
+    assert replaced.state == "failed" and "no longer a regular file" in replaced.error
+
+
+def test_archive_moves_originals_without_overwriting(worker, store, settings, protect) -> None:
+    worker.settings = settings.model_copy(update={"after": "archive"})
+    (settings.archive_dir / "sub").mkdir(parents=True)
+    (settings.archive_dir / "sub" / "a.png").write_bytes(b"archived earlier")
+    store.enqueue(drop(settings, "sub/a.png", b"one"), "fp", inbox=settings.inbox)
+
+    assert run_one(worker, store).state == "done"
+    assert not (settings.inbox / "sub" / "a.png").exists()
+    assert (settings.archive_dir / "sub" / "a-2.png").read_bytes() == b"one"
+    assert (settings.archive_dir / "sub" / "a.png").read_bytes() == b"archived earlier"
+
+
+def test_write_atomically_replaces_whole_files(tmp_path: Path) -> None:
+    target = tmp_path / "out.png"
+    write_atomically(target, b"first")
+    write_atomically(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
