@@ -47,7 +47,8 @@ log = structlog.get_logger()
 # How often the main loop wakes up. Shorter only burns CPU; the stability delay
 # dominates how soon a file is queued.
 TICK_SECONDS = 0.5
-# How often the watcher writes its heartbeat to the job table for `fixative status`.
+# The watcher writes its heartbeat to the job table for `fixative status` at
+# least this often, and also whenever its status text changes.
 HEARTBEAT_SECONDS = 5.0
 # Exit status when the observer thread has died: any non-zero status makes
 # systemd's Restart=on-failure start a fresh watcher.
@@ -108,6 +109,7 @@ class _Watcher:
 
     def run(self, observer: BaseObserver, stop: threading.Event) -> int:
         next_scan = next_beat = 0.0
+        last_status = ""
         while not stop.is_set():
             if not _observer_alive(observer):
                 log.error("watcher.observer_died", hint="exiting so that systemd restarts the watcher")
@@ -119,9 +121,10 @@ class _Watcher:
             self.drain_events(now)
             for settled in self.tracker.ready(now):
                 self.admit(settled)
-            if now >= next_beat:
-                self.store.beat("watcher", self.status_text())
-                next_beat = now + HEARTBEAT_SECONDS
+            status = self.status_text()
+            if now >= next_beat or status != last_status:
+                self.store.beat("watcher", status)
+                next_beat, last_status = now + HEARTBEAT_SECONDS, status
             stop.wait(self.tick_seconds)
         return 0
 

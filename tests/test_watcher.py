@@ -135,6 +135,8 @@ def test_a_burst_of_200_files_is_queued_exactly_once_each(settings, inbox, store
             (inbox / f"burst-{i:03}.png").write_bytes(png(i))
         wait_for(lambda: len(store.jobs(limit=1000)) >= 200, timeout=20)
         time.sleep(2 * STABILITY)
+        # `fixative status` shows what the watcher is doing, from its heartbeat.
+        assert "200 recorded since start" in store.processes()["watcher"]["status"]
 
     jobs = store.jobs(limit=1000)
     assert sorted(job.source_path for job in jobs) == [str(inbox / f"burst-{i:03}.png") for i in range(200)]
