@@ -26,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 
 import structlog
@@ -272,4 +272,9 @@ def run_watcher(settings: Settings, stop: threading.Event) -> int:
         finally:
             observer.stop()
             observer.join(timeout=10)
+            # `fixative status` then says "down" at once instead of after the
+            # heartbeat goes stale. Suppressed: if the database is what failed,
+            # that error is the one to report, not this one.
+            with suppress(Exception):
+                store.beat("watcher", "stopped")
             log.info("watcher.stopped")

@@ -230,6 +230,7 @@ def test_polling_observer(settings, inbox, store):
     with running(settings):
         (inbox / "polled.png").write_bytes(png(9))
         wait_for(lambda: sources(store) == [str(inbox / "polled.png")])
+    assert store.processes()["watcher"]["status"] == "stopped"
 
 
 def test_inotify_watch_limit_falls_back_to_polling_and_names_the_sysctl(settings, inbox, store, monkeypatch):
