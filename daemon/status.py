@@ -15,8 +15,12 @@ from daemon.settings import Settings
 from daemon.store import STATES, Job, JobStore
 
 # Both processes beat at least every 10 s (watcher 5 s, engine worker.heartbeat_seconds),
-# so a minute of silence means the process is gone or stuck, not busy.
+# so a minute of silence means the process is gone.
 ALIVE_WITHIN_SECONDS = 60.0
+# A live process whose loop has not moved for this long is stuck (a hung GPU
+# driver). Generous: on a CPU, one step of full Stable Diffusion takes about a
+# minute and the engine's final measurements several more, with no step in between.
+STALLED_AFTER_SECONDS = 900.0
 PROCESSES = ("watcher", "engine")
 # LSB's exit status for "program is not running", as `systemctl status` uses it.
 EXIT_DAEMON_DOWN = 3
@@ -28,7 +32,8 @@ def build_report(settings: Settings, failures: int = 10) -> dict[str, Any]:
     report: dict[str, Any] = {
         "up": False,
         "database": str(settings.db_path),
-        "processes": {name: {"alive": False, "pid": None, "status": "never started", "age_seconds": None}
+        "processes": {name: {"alive": False, "stalled": False, "pid": None, "status": "never started",
+                             "age_seconds": None, "progress_age_seconds": None}
                       for name in PROCESSES},
         "counts": dict.fromkeys(STATES, 0),
         "running": None,
@@ -40,9 +45,8 @@ def build_report(settings: Settings, failures: int = 10) -> dict[str, Any]:
     store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
     try:
         for name, beat in store.processes().items():
-            alive = beat["age_seconds"] < ALIVE_WITHIN_SECONDS and beat["status"] != "stopped"
-            report["processes"][name] = {"alive": alive, **beat}
-        report["up"] = all(report["processes"][name]["alive"] for name in PROCESSES)
+            report["processes"][name] = {"alive": is_alive(beat), "stalled": is_stalled(beat), **beat}
+        report["up"] = all(p["alive"] and not p["stalled"] for p in report["processes"].values())
         report["counts"] = store.counts()
         running = store.running()
         report["running"] = _running(running, now) if running else None
@@ -56,6 +60,19 @@ def build_report(settings: Settings, failures: int = 10) -> dict[str, Any]:
     finally:
         store.close()
     return report
+
+
+def is_alive(beat: dict[str, Any] | None) -> bool:
+    return beat is not None and beat["age_seconds"] < ALIVE_WITHIN_SECONDS and beat["status"] != "stopped"
+
+
+def is_stalled(beat: dict[str, Any] | None) -> bool:
+    return beat is not None and beat["progress_age_seconds"] > STALLED_AFTER_SECONDS
+
+
+def is_healthy(beat: dict[str, Any] | None) -> bool:
+    """Alive and moving: what `status` calls up, and what `fixative run` pings systemd's watchdog for."""
+    return is_alive(beat) and not is_stalled(beat)
 
 
 def _running(job: Job, now: float) -> dict[str, Any]:
@@ -103,6 +120,8 @@ def render(report: dict[str, Any]) -> str:
 def _process(beat: dict[str, Any]) -> str:
     if beat["age_seconds"] is None:
         return "never started"
+    if beat["alive"] and beat["stalled"]:
+        return f"STALLED (no progress for {_duration(beat['progress_age_seconds'])}: {beat['status']})"
     state = "alive" if beat["alive"] else "dead"
     detail = f": {beat['status']}" if beat["status"] and beat["alive"] else ""
     return f"{state} ({_duration(beat['age_seconds'])} ago{detail})"

@@ -77,6 +77,11 @@ MIGRATIONS = [
         beat_at REAL NOT NULL
     );
     """,
+    # A beat says the process is alive; progress_at says its loop still moves.
+    # A step hung in a GPU driver keeps the first fresh and lets the second age.
+    """
+    ALTER TABLE processes ADD COLUMN progress_at REAL;
+    """,
 ]
 
 
@@ -372,18 +377,29 @@ class JobStore:
                 {"id": job_id, "now": time.time()},
             ).rowcount
 
-    def beat(self, process: str, status: str = "") -> None:
-        """Record that ``process`` ("watcher" or "engine") is alive; ``fixative status`` reads it."""
+    def beat(self, process: str, status: str = "", *, progress_at: float | None = None) -> None:
+        """Record that ``process`` ("watcher" or "engine") is alive; ``fixative status`` reads it.
+
+        ``progress_at``: when its main loop last moved, if that is not now (the
+        engine beats from a side thread, so it passes its last step's time).
+        """
+        now = time.time()
         with self._write():
             self.db["processes"].upsert(
-                {"name": process, "pid": os.getpid(), "status": status, "beat_at": time.time()}, pk="name"
+                {"name": process, "pid": os.getpid(), "status": status, "beat_at": now,
+                 "progress_at": now if progress_at is None else progress_at},
+                pk="name",
             )
 
     def processes(self) -> dict[str, dict[str, Any]]:
-        """``{name: {pid, status, beat_at, age_seconds}}`` for every process that ever beat."""
+        """``{name: {pid, status, beat_at, age_seconds, progress_age_seconds}}`` for every process that ever beat."""
         now = time.time()
         return {
-            row["name"]: {**{k: row[k] for k in ("pid", "status", "beat_at")}, "age_seconds": now - row["beat_at"]}
+            row["name"]: {
+                **{k: row[k] for k in ("pid", "status", "beat_at")},
+                "age_seconds": now - row["beat_at"],
+                "progress_age_seconds": now - (row["progress_at"] or row["beat_at"]),
+            }
             for row in self._rows("SELECT * FROM processes")
         }
 

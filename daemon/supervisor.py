@@ -10,7 +10,7 @@ Only this process talks to systemd (``NotifyAccess=main``): the engine child
 gets no ``NOTIFY_SOCKET`` and reports through its heartbeat row in the job
 table, which this loop reads to send READY (once the model is loaded),
 STATUS (the engine's own line) and WATCHDOG (only while both the watcher and
-the engine beat, and they only beat while they progress).
+the engine beat and their loops have moved recently; see ``daemon.status``).
 
 This process never imports torch.
 """
@@ -28,8 +28,9 @@ import structlog
 from daemon.inbox_filter import WatcherConfigError
 from daemon.notify import notify, watchdog_interval
 from daemon.settings import EX_CONFIG, Settings
-from daemon.status import ALIVE_WITHIN_SECONDS
+from daemon.status import is_alive, is_healthy
 from daemon.store import JobStore
+from daemon.worker import LOADING_STATUS
 
 log = structlog.get_logger()
 
@@ -84,15 +85,16 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
                 return EX_CONFIG  # the engine logged why (model missing...); restarting cannot help
             beats = store.processes()
             engine_beat = beats.get("engine")
-            engine_fresh = _fresh(engine_beat) and engine_beat["pid"] == engine.pid
+            engine_fresh = is_alive(engine_beat) and engine_beat["pid"] == engine.pid
             if engine_fresh:
-                if not ready and engine_beat["status"] != "loading model":
+                if not ready and not engine_beat["status"].startswith(LOADING_STATUS):
                     notify("READY=1")
                     ready = True
                 if engine_beat["status"] != last_status:
                     last_status = engine_beat["status"]
                     notify(f"STATUS={last_status}")
-            if ping_every and engine_fresh and _fresh(beats.get("watcher")) and time.monotonic() >= next_ping:
+            healthy = engine_fresh and is_healthy(engine_beat) and is_healthy(beats.get("watcher"))
+            if ping_every and healthy and time.monotonic() >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every
             stop.wait(TICK_SECONDS)
@@ -103,10 +105,6 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
         engine.terminate()
         watcher.join(timeout=30)
         store.close()
-
-
-def _fresh(beat: dict | None) -> bool:
-    return beat is not None and beat["age_seconds"] < ALIVE_WITHIN_SECONDS and beat["status"] != "stopped"
 
 
 class _Engine:

@@ -40,11 +40,13 @@ import structlog
 
 from daemon.notify import notify, watchdog_interval
 from daemon.settings import EX_CONFIG, Settings
+from daemon.status import STALLED_AFTER_SECONDS
 from daemon.store import Job, JobStore, file_sha256
 
 log = structlog.get_logger()
 
 IDLE_POLL_SECONDS = 1.0  # how soon a queued file starts; one indexed query per poll
+LOADING_STATUS = "loading model"  # `fixative run` sends READY once the engine's status moves past this
 # On SIGTERM, a job this close to done is finished rather than thrown away; the
 # unit's TimeoutStopSec (180 s) leaves room for it.
 FINISH_ON_STOP_SECONDS = 60.0
@@ -63,29 +65,32 @@ class MachineError(Exception):
 class _Pulse(threading.Thread):
     """Renews the lease, records progress, beats for ``fixative status`` and pings systemd's watchdog.
 
-    It only does so while the main loop reports progress (a PGD step, an idle
-    poll) within ``lease_seconds``. A step hung in the GPU driver stops the
-    pulse: the engine shows as dead, systemd's watchdog restarts the service,
-    and the lease expires so the job is claimed again.
+    Lease and beat say "this process is alive", so they go on whatever the
+    main loop does; a crash stops them and the lease expires. The watchdog
+    ping says "the loop moves": it stops when the main loop has reported no
+    progress (a PGD step, an idle poll) for ``STALLED_AFTER_SECONDS``, so
+    systemd restarts an engine hung in a GPU driver. ``fixative status``
+    shows the same judgement from the beat's ``progress_at``.
     """
 
     def __init__(self, store: JobStore, settings: Settings, owner: str):
         super().__init__(name="engine-pulse", daemon=True)
         self.store, self.owner = store, owner
         self.lease = settings.worker.lease_seconds
-        self.interval = min(settings.worker.heartbeat_seconds, watchdog_interval() or float("inf"))
+        self.watchdog = watchdog_interval()  # None unless systemd set WatchdogSec
+        self.interval = min(settings.worker.heartbeat_seconds, self.watchdog or float("inf"))
         self.job: Job | None = None
         self.step: int | None = None
         self.total: int | None = None
-        self.status = "loading model"
-        self.loading = True  # loading a model from a cold disk may take longer than a lease; it is not a stall
-        self.last_progress = time.monotonic()
+        self.status = LOADING_STATUS
+        self.loading = True  # loading a model from a cold disk can take minutes; it is not a stall
+        self.last_progress = time.time()
         self.lost = threading.Event()  # our job was taken from us: abandon it
         self.wake = threading.Event()
         self.quit = threading.Event()
 
     def progressed(self, status: str | None = None) -> None:
-        self.last_progress = time.monotonic()
+        self.last_progress = time.time()
         if status is not None and status != self.status:
             self.status = status
             self.wake.set()  # show a new state (ready, protecting x) now, not at the next heartbeat
@@ -108,9 +113,6 @@ class _Pulse(threading.Thread):
             self.wake.clear()
 
     def pulse(self) -> None:
-        if not self.loading and time.monotonic() - self.last_progress > self.lease:
-            log.warning("engine.stalled", seconds=round(time.monotonic() - self.last_progress), status=self.status)
-            return
         job = self.job
         status = self.status
         if job is not None:
@@ -119,8 +121,12 @@ class _Pulse(threading.Thread):
             if self.total:
                 status = f"protecting {job.relative_path} {100 * (self.step or 0) // self.total}%"
         status += f" · {self.store.counts()['queued']} queued"
-        self.store.beat("engine", status)
-        notify("WATCHDOG=1", f"STATUS={status}")
+        progress_at = time.time() if self.loading else self.last_progress
+        self.store.beat("engine", status, progress_at=progress_at)
+        moving = time.time() - progress_at < STALLED_AFTER_SECONDS
+        if not moving:
+            log.warning("engine.stalled", seconds=round(time.time() - progress_at), status=status)
+        notify(f"STATUS={status}", *(["WATCHDOG=1"] if self.watchdog and moving else []))
 
 
 class Engine:
@@ -156,8 +162,7 @@ class Engine:
             while not self.stop.is_set():
                 job = self.store.claim(self.owner, self.settings.worker.lease_seconds)
                 if job is None:
-                    self.pulse.progressed("idle")
-                    self.stop.wait(IDLE_POLL_SECONDS)
+                    self.rest(IDLE_POLL_SECONDS, "idle")
                     continue
                 with structlog.contextvars.bound_contextvars(job_id=job.id, path=job.relative_path):
                     self.pulse.start_job(job)
@@ -195,8 +200,7 @@ class Engine:
         except MachineError as error:
             self.store.release(job.id, self.owner, error=f"{error} (will retry)")
             log.warning("engine.machine_error", error=str(error), pause_seconds=self.pause_seconds)
-            self.pulse.progressed(f"waiting {self.pause_seconds:.0f}s: {error}")
-            self.stop.wait(self.pause_seconds)
+            self.rest(self.pause_seconds, f"waiting {self.pause_seconds:.0f}s: {error}")
             self.pause_seconds = min(self.pause_seconds * 2, MAX_PAUSE_SECONDS)
             return
         except (torch.OutOfMemoryError, MemoryError) as error:
@@ -217,6 +221,13 @@ class Engine:
         log.info("job.done", **{**figures, "output": str(output), "job_seconds": round(time.monotonic() - started, 1)})
         if self.settings.after == "archive":
             self.archive(job)
+
+    def rest(self, seconds: float, status: str) -> None:
+        """Wait until ``stop``, telling the pulse that waiting is not being stuck."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.pulse.progressed(status)
+            self.stop.wait(min(IDLE_POLL_SECONDS, left))
 
     def failed(self, job: Job, error: str, *, permanent: bool) -> None:
         backoff = self.settings.worker.retry_backoff_seconds * 2 ** (job.attempts - 1)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,13 @@ def test_status_never_imports_torch(env: dict[str, str], tmp_path: Path) -> None
     assert "daemon.store" in imported  # the import log is really there
     heavy = sorted(name for name in imported if name.split(".")[0] in {"torch", "diffusers", "transformers"})
     assert heavy == []
+
+
+def test_a_live_but_stuck_engine_is_reported_stalled(env: dict[str, str], tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    store.beat("watcher", "watching")
+    store.beat("engine", "protecting a.png 43%", progress_at=time.time() - 3600)  # hung in the GPU driver
+    done = fixative(env, "status", "--json")
+    engine = json.loads(done.stdout)["processes"]["engine"]
+    assert done.returncode == EXIT_DAEMON_DOWN and engine["alive"] and engine["stalled"]
+    assert "STALLED (no progress for 1h00m" in fixative(env, "status").stdout

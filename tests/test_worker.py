@@ -38,7 +38,7 @@ def store(settings: Settings) -> JobStore:
 def worker(settings: Settings, store: JobStore) -> Engine:
     engine = Engine(settings, store, threading.Event())
     engine.model = SimpleNamespace(device=torch.device("cpu"))
-    engine.stop.wait = lambda seconds: engine.stop.is_set()  # no real pauses in tests
+    engine.rest = lambda seconds, status: None  # no real pauses in tests
     return engine
 
 
