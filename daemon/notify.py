@@ -19,9 +19,12 @@ def notify(*fields: str) -> bool:
     if address.startswith("@"):  # abstract namespace: a leading NUL byte, not a file
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        # Non-blocking: a datagram send blocks while the reader's queue is full,
+        # and a heartbeat thread stuck there would hold up shutdown forever.
+        sock.setblocking(False)
         try:
             sock.sendto("\n".join(fields).encode(), address)
-        except OSError:  # systemd went away or restarts: never crash the daemon for a status line
+        except OSError:  # queue full, or systemd gone or restarting: never crash the daemon for a status line
             return False
     return True
 

@@ -41,6 +41,14 @@ def test_notify_never_raises_when_systemd_is_gone(tmp_path: Path, monkeypatch: p
     assert notify("WATCHDOG=1") is False
 
 
+def test_notify_never_blocks_on_a_full_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:  # bound, never read
+        listener.bind(str(tmp_path / "notify"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        sent = [notify(f"STATUS=line {n}") for n in range(5000)]
+    assert sent[0] and not sent[-1]
+
+
 def test_watchdog_interval_is_half_of_watchdogsec(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "600000000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
