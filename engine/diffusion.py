@@ -7,6 +7,8 @@ the noised latent at step t, and the training loss is || eps_theta(z_t, t, c) - 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from engine.model import LoadedModel
@@ -26,6 +28,41 @@ def encode(model: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def sample_latent(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + std * noise
+
+
+def latent_objective(
+    model: LoadedModel,
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    split_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluate ``objective(mean, z)`` on the latent of ``x``; return (surrogate, value).
+
+    The surrogate's gradient with respect to x is the objective's. Normally
+    the surrogate is the objective itself. With ``split_backward`` (the
+    low-VRAM mode, Mist v2's trick) the encoder first runs without keeping
+    activations, the objective's gradient with respect to the latent is taken
+    (and the UNet's activations freed), and only then does the encoder run
+    again with a graph, so encoder and UNet activations never coexist. The
+    price is one more encoder forward per step.
+    """
+    if not split_backward:
+        mean, std = encode(model, x)
+        value = objective(mean, sample_latent(mean, std, generator))
+        return value, value.detach()
+    with torch.no_grad():
+        mean, std = encode(model, x)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    mean_leaf = mean.requires_grad_(True)
+    z_leaf = (mean + std * noise).detach().requires_grad_(True)
+    value = objective(mean_leaf, z_leaf)
+    grad_mean, grad_z = torch.autograd.grad(value, [mean_leaf, z_leaf], allow_unused=True)
+    mean, std = encode(model, x)
+    surrogate = (mean + std * noise).mul(grad_z).sum()
+    if grad_mean is not None:
+        surrogate = surrogate + mean.mul(grad_mean).sum()
+    return surrogate, value.detach()
 
 
 def draw_timesteps_and_noise(

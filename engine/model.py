@@ -176,6 +176,11 @@ def load_model(options: EngineOptions) -> LoadedModel:
     unet = unet.to(device=device, dtype=dtype) if unet.dtype != dtype else unet.to(device)
     vae.eval().requires_grad_(False)
     unet.eval().requires_grad_(False)
+    if options.low_vram:
+        # Recompute activations in the backward pass instead of keeping them.
+        # (Setting the attribute on vae.encoder directly fails in current diffusers.)
+        vae.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_scale = 2 ** (len(unet.config.block_out_channels) - 1)
     return LoadedModel(

@@ -47,6 +47,11 @@ class EngineOptions(BaseModel):
     prompt: str = "a painting"
     device: Device = "auto"
     dtype: DType = "fp32"
+    low_vram: bool = Field(
+        False,
+        description="Fit a 6 GB GPU: gradient checkpointing, and a split backward so encoder and UNet "
+        "activations never coexist. Slower (about one more encoder pass per step).",
+    )
     target: Path | None = Field(None, description="Target image for mist/encoder; None uses the built-in texture.")
     texture_weight: float = Field(1.0, ge=0, description="mist: weight of the textural term against the semantic one.")
     sds_direction: Literal["minimize", "maximize"] = "minimize"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.diffusion import diffusion_loss, draw_timesteps_and_noise, encode, sample_latent
+from engine.diffusion import diffusion_loss, draw_timesteps_and_noise, latent_objective
 from engine.model import LoadedModel
 from engine.options import EngineOptions
 
@@ -26,10 +26,11 @@ class AdvDM:
     def __init__(self, model: LoadedModel, options: EngineOptions, input_shape: tuple[int, ...]):
         self.model = model
         self.samples = options.samples_per_step
+        self.split_backward = options.low_vram
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, std = encode(self.model, x)
-        z = sample_latent(mean, std, generator)
-        t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
-        loss = diffusion_loss(self.model, z, t, eps)
-        return loss, loss.detach()
+        def loss(mean: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
+            return diffusion_loss(self.model, z, t, eps)
+
+        return latent_objective(self.model, x, generator, loss, self.split_backward)

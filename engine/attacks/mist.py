@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.diffusion import diffusion_loss, draw_timesteps_and_noise, encode, sample_latent
+from engine.diffusion import diffusion_loss, draw_timesteps_and_noise, latent_objective
 from engine.model import LoadedModel
 from engine.options import EngineOptions
 from engine.texture import target_latent
@@ -30,10 +30,11 @@ class Mist:
         self.samples = options.samples_per_step
         self.weight = options.texture_weight
         self.target = target_latent(model, options.target, input_shape)
+        self.split_backward = options.low_vram
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, std = encode(self.model, x)
-        z = sample_latent(mean, std, generator)
-        t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
-        objective = diffusion_loss(self.model, z, t, eps) - self.weight * (mean - self.target).square().mean()
-        return objective, objective.detach()
+        def objective(mean: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
+            return diffusion_loss(self.model, z, t, eps) - self.weight * (mean - self.target).square().mean()
+
+        return latent_objective(self.model, x, generator, objective, self.split_backward)
