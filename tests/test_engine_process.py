@@ -1,0 +1,138 @@
+"""The real processes on the tiny model: ``fixative engine`` and ``fixative run``, with real signals.
+
+Slowest tests of the daemon (a model load each, and real PGD steps), so each
+covers a whole story: READY after load, work done, kill -9 survived, SIGTERM obeyed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from daemon.store import JobStore
+from conftest import painting
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def daemon_env(tmp_path: Path, tiny_model: Path) -> tuple[dict[str, str], Path]:
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+inbox = "{tmp_path / 'inbox'}"
+export_dir = "{tmp_path / 'export'}"
+state_dir = "{tmp_path / 'state'}"
+[watcher]
+stability_seconds = 0.3
+[worker]
+lease_seconds = 3
+heartbeat_seconds = 0.5
+[engine]
+model = "{tiny_model}"
+steps = 4
+""")
+    (tmp_path / "inbox" / "sub").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIXATIVE_", "NOTIFY_", "WATCHDOG_"))}
+    env.update(HOME=str(tmp_path), FIXATIVE_CONFIG=str(config), NOTIFY_SOCKET=str(tmp_path / "notify"))
+    return env, tmp_path
+
+
+@pytest.fixture
+def systemd(daemon_env) -> socket.socket:
+    """Stands in for systemd's notification socket."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(daemon_env[0]["NOTIFY_SOCKET"])
+    listener.settimeout(180)
+    yield listener
+    listener.close()
+
+
+def start(env: dict[str, str], command: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "daemon.cli", command], env=env, cwd=REPO)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 240) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_ready(systemd: socket.socket) -> None:
+    while "READY=1" not in systemd.recv(4096).decode().splitlines():
+        pass
+
+
+def save_painting(path: Path, seed: int) -> bytes:
+    Image.fromarray(painting(256, 288, seed)).save(path)
+    return path.read_bytes()
+
+
+def test_engine_reports_ready_protects_and_obeys_sigterm(daemon_env, systemd) -> None:
+    env, root = daemon_env
+    store = JobStore(root / "state" / "jobs.db")
+    original = save_painting(root / "inbox" / "sub" / "a.png", seed=1)
+    (root / "inbox" / "bad.png").write_bytes(b"not an image")
+    for name in ("sub/a.png", "bad.png"):
+        store.enqueue(root / "inbox" / name, "ignored-by-the-engine", inbox=root / "inbox")
+
+    engine = start(env, "engine")
+    try:
+        wait_ready(systemd)
+        wait_for(lambda: store.counts()["done"] == 1 and store.counts()["failed"] == 1, "both jobs to end")
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=60) == 0
+    finally:
+        engine.kill()
+    done, bad = store.jobs("done")[0], store.jobs("failed")[0]
+    assert done.output_path == str(root / "export" / "sub" / "a.png") and done.metrics["psnr"] > 20
+    with Image.open(done.output_path) as protected:
+        assert protected.size == (288, 256)
+    assert (root / "inbox" / "sub" / "a.png").read_bytes() == original
+    assert "not an image" in bad.error
+    assert store.processes()["engine"]["status"] == "stopped"
+
+
+def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, systemd) -> None:
+    env, root = daemon_env
+    store = JobStore(root / "state" / "jobs.db")
+    daemon = start(env, "run")
+    try:
+        wait_ready(systemd)
+        originals = {"a.png": save_painting(root / "inbox" / "a.png", seed=2),
+                     "sub/b.png": save_painting(root / "inbox" / "sub" / "b.png", seed=3)}
+        running = wait_for(lambda: (job := store.running()) and job.progress_step and job, "a job mid-way")
+        victim = store.processes()["engine"]["pid"]
+        os.kill(victim, signal.SIGKILL)  # the OOM killer, a driver crash...
+
+        # The supervisor restarts the engine; the dead one's lease expires and the job is redone.
+        wait_for(lambda: store.counts()["done"] == 2, "both images protected after the restart")
+        assert store.processes()["engine"]["pid"] != victim
+        assert store.get(running.id).attempts == 2
+
+        status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json"], env=env, cwd=REPO,
+                                capture_output=True, text=True)
+        report = json.loads(status.stdout)
+        assert status.returncode == 0 and report["counts"]["done"] == 2 and report["failures"] == []
+
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=120) == 0
+    finally:
+        daemon.kill()
+    outputs = sorted(p.relative_to(root / "export").as_posix() for p in (root / "export").rglob("*") if p.is_file())
+    assert outputs == ["a.png", "sub/b.png"]  # one output each, no temp files left behind
+    for name, content in originals.items():
+        assert (root / "inbox" / name).read_bytes() == content
+    assert all(job.metrics.get("psnr") for job in store.jobs("done"))
