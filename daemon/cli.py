@@ -140,21 +140,22 @@ def _status(args: argparse.Namespace) -> int:
     from daemon.status import EXIT_DAEMON_DOWN, build_report, render
 
     settings = _settings(args)
-    while True:
-        report = build_report(settings)
-        if args.json:
-            print(json.dumps(report), flush=True)
-        else:
-            if args.watch and sys.stdout.isatty():
-                print("\x1b[H\x1b[J", end="")  # redraw in place
-            print(render(report), flush=True)
-        code = 0 if report["up"] else EXIT_DAEMON_DOWN
-        if not args.watch:
-            return code
-        try:
+    code = EXIT_DAEMON_DOWN
+    try:
+        while True:
+            report = build_report(settings)
+            if args.json:
+                print(json.dumps(report), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\x1b[H\x1b[J", end="")  # redraw in place
+                print(render(report), flush=True)
+            code = 0 if report["up"] else EXIT_DAEMON_DOWN
+            if not args.watch:
+                return code
             time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return code
+    except KeyboardInterrupt:  # the way out of --watch
+        return code
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -122,7 +122,7 @@ def _process(beat: dict[str, Any]) -> str:
         return "never started"
     if beat["alive"] and beat["stalled"]:
         return f"STALLED (no progress for {_duration(beat['progress_age_seconds'])}: {beat['status']})"
-    state = "alive" if beat["alive"] else "dead"
+    state = "alive" if beat["alive"] else "stopped" if beat["status"] == "stopped" else "dead"
     detail = f": {beat['status']}" if beat["status"] and beat["alive"] else ""
     return f"{state} ({_duration(beat['age_seconds'])} ago{detail})"
 
