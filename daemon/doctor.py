@@ -135,7 +135,7 @@ def _inotify_checks(settings: Settings) -> list[tuple[str, str]]:
     elif folders > limit // 2:
         level = WARN
     else:
-        return [(OK, f"inotify: {folders} folders to watch, {INOTIFY_SYSCTL} = {limit}")]
+        return [(OK, f"inotify: {folders} folder(s) to watch, {INOTIFY_SYSCTL} = {limit}")]
     return [(level, f"inotify: {folders} folders to watch but {INOTIFY_SYSCTL} = {limit}; raise it with "
                     f"`sudo sysctl {INOTIFY_SYSCTL}=524288` (and in /etc/sysctl.d/ to keep it), "
                     "or set [watcher] polling = true")]
