@@ -7,8 +7,9 @@ about a minute on two cores, and every engine and end-to-end test needs it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,17 @@ def tiny_model(request: pytest.FixtureRequest) -> Path:
     """A diffusers folder holding the tiny SD-shaped model with a briefly trained UNet."""
     from engine.tiny import build_tiny_model, train_tiny_unet
 
-    folder = Path(request.config.cache.mkdir(f"fixative-tiny-model-{_tiny_key()}"))
-    if not (folder / "trained").exists():
-        shutil.rmtree(folder)
-        build_tiny_model(folder)
-        train_tiny_unet(folder, steps=TRAINING_STEPS)
-        (folder / "trained").touch()
+    cache = Path(request.config.cache.mkdir("fixative-tiny-models"))
+    folder = cache / _tiny_key()
+    # Two pytest runs at once (a developer's and CI's on a shared machine) must
+    # not rebuild each other's model mid-read: build under a lock, publish by rename.
+    with open(cache / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not folder.exists():
+            building = Path(tempfile.mkdtemp(dir=cache))
+            build_tiny_model(building)
+            train_tiny_unet(building, steps=TRAINING_STEPS)
+            building.rename(folder)
     return folder
 
 
