@@ -5,8 +5,9 @@ scripts, kohya's) resizes an image so that its SHORT side is the model's
 training resolution (bilinear, antialiased), then crops. So we work at that
 same scale: the short side at ``resolution`` (512 for SD 1.5), aspect kept,
 never upscaled. Very long panoramas are capped at twice the area of a square,
-since a script would only crop part of them anyway. The working image is
-padded by reflection to the model's size multiple (64 for SD) instead of
+since a script would only crop part of them anyway. (Such strips, webtoons
+say, are protected coarsely: tiling them at full scale is future work.) The working image is
+padded (edge pixels repeated) to the model's size multiple (64 for SD) instead of
 being stretched, and the padding is cut off again.
 
 For images larger than the working size, the perturbation delta lives at the
@@ -62,4 +63,6 @@ class Geometry:
         bottom, right = self.padded[0] - self.work[0], self.padded[1] - self.work[1]
         if not (bottom or right):
             return image
-        return F.pad(image, (0, right, 0, bottom), mode="reflect")
+        # Replicate, not reflect: reflection needs the pad to be smaller than the
+        # side, which fails for a long panorama shrunk under the area cap.
+        return F.pad(image, (0, right, 0, bottom), mode="replicate")
