@@ -45,7 +45,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     protect.add_argument("--steps", type=int)
     protect.add_argument("--seed", type=int)
     protect.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    protect.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
+    protect.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
     protect.add_argument("--format", choices=["png", "jpeg", "webp"])
     protect.add_argument("--quality", type=int, help="JPEG/WebP quality, 1-100")
     protect.add_argument("--target", type=Path, help="target image for the mist and encoder modes")

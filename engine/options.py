@@ -22,7 +22,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 Mode = Literal["advdm", "mist", "sds", "encoder"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
-DType = Literal["fp32", "fp16", "bf16"]
+DType = Literal["auto", "fp32", "fp16", "bf16"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -46,7 +46,11 @@ class EngineOptions(BaseModel):
     seed: int = 0
     prompt: str = "a painting"
     device: Device = "auto"
-    dtype: DType = "fp32"
+    dtype: DType = Field(
+        "auto",
+        description="Model precision. auto: bf16 where the hardware computes it natively (recent NVIDIA GPUs, "
+        "CPUs with AVX512-BF16 or AMX), else fp32. The perturbation itself is always fp32.",
+    )
     low_vram: bool = Field(
         False,
         description="Fit a 6 GB GPU: gradient checkpointing, and a split backward so encoder and UNet "
