@@ -1,0 +1,537 @@
+"""One benchmark measurement, in a process of its own.
+
+``python bench/worker.py SPEC.json RESULT.json`` runs one job (``train``,
+``reference`` or ``mode``) and writes its figures as JSON. ``bench/run.py``
+starts one such process per measurement, so that the peak memory each one
+reports (``ru_maxrss`` on the CPU, ``torch.cuda.max_memory_allocated`` on a
+GPU) belongs to that measurement alone: the peak is the process's whole-life
+peak, model building included, with nothing subtracted. The resident memory
+right after the model is built is reported beside it.
+
+Progress goes to stderr, one line per step at full scale.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# The reference's settings: what the AdvDM paper's and Mist v1's code run.
+REFERENCE_STRENGTH = 8  # 0-255 levels
+REFERENCE_STEP_SIZE = 1  # 0-255 levels per step
+REFERENCE_STEPS = 100
+REFERENCE_CHECKPOINTS = (25, 50, 100)
+IMAGE_SEED = 5
+
+
+def log(message: str) -> None:
+    print(f"    {message}", file=sys.stderr, flush=True)
+
+
+def setup(spec: dict):
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    return torch
+
+
+def runtime_info(torch, device) -> dict:
+    info = {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return info
+
+
+def rss_now() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_peak() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def memory_after_build(torch, device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return {"baseline_bytes": torch.cuda.memory_allocated(device), "kind": "cuda memory_allocated"}
+    return {"baseline_bytes": rss_now(), "kind": "RSS"}
+
+
+def memory_peak(torch, device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device), "peak_kind": "cuda max_memory_allocated"}
+    return {"peak_bytes": rss_peak(), "peak_kind": "ru_maxrss"}
+
+
+def measured_steps(spec: dict, device) -> int | None:
+    """Steps to time after the warm-up; None means run whole images (tiny scale)."""
+    steps = spec["measure_steps"]
+    if steps is None:
+        return None
+    if steps == "auto":
+        return 10 if device.type == "cuda" else 2
+    return int(steps)
+
+
+def sync(torch, device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def painting(width: int, height: int, seed: int = IMAGE_SEED) -> np.ndarray:
+    """The synthetic painting both sides protect: uint8 H x W x 3, smooth fields and hard-edged strokes."""
+    from engine.tiny import synthetic_paintings
+
+    image = synthetic_paintings(1, max(width, height), seed=seed)[0].permute(1, 2, 0).numpy()
+    return ((image[:height, :width] + 1) * 127.5).round().astype(np.uint8)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"))
+
+
+def source_image(rgb: np.ndarray):
+    """The painting as the engine reads it from a file (engine.imaging.read_image on a PNG).
+
+    The engine refuses images under 256 px on the short side, a floor set for
+    SD's 512 px. The tiny model's 512 is 128 px, so at tiny scale a 128 px
+    painting is handed to protect_image directly, as the SourceImage read_image
+    would have made of it.
+    """
+    import dataclasses
+
+    from PIL import Image
+
+    from engine.errors import BadImage
+    from engine.imaging import SourceImage, read_image
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "painting.png"
+        Image.fromarray(rgb).save(path)
+        try:
+            return read_image(path)
+        except BadImage:
+            if min(rgb.shape[:2]) >= 256:
+                raise
+    values = {"rgb": rgb, "alpha": None, "icc_profile": None, "dpi": None, "exif": None, "notes": ()}
+    return SourceImage(**{f.name: values.get(f.name) for f in dataclasses.fields(SourceImage)})
+
+
+def load_evaluator(spec: dict, device_name: str):
+    """The tiny model in fp32: one fixed judge of protection gain for the reference and every mode."""
+    from engine.model import load_model
+    from engine.options import EngineOptions
+
+    return load_model(EngineOptions(model=spec["tiny_folder"], dtype="fp32", device=device_name))
+
+
+def evaluate(evaluator, original: np.ndarray, protected: np.ndarray) -> dict:
+    """Protection gain and latent shift as the engine reports them: both images downscaled as a
+    fine-tuning script would, padded, and scored by engine.metrics.protection_figures."""
+    import torch
+
+    from engine.geometry import Geometry
+    from engine.metrics import max_delta, protection_figures, psnr
+
+    height, width = original.shape[:2]
+    geometry = Geometry.plan(height, width, evaluator.resolution, evaluator.size_multiple)
+
+    def model_input(rgb: np.ndarray) -> torch.Tensor:
+        x = torch.tensor(rgb, device=evaluator.device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        return geometry.pad(geometry.down(x))
+
+    figures = protection_figures(evaluator, model_input(original), model_input(protected))
+    return {
+        "protection_gain": round(figures["protection_gain"], 4),
+        "latent_shift": round(figures["latent_shift"], 4),
+        "psnr": round(psnr(original, protected), 2),
+        "max_delta": max_delta(original, protected),
+    }
+
+
+# --------------------------------------------------------------------------------------------- jobs
+
+
+def train_job(spec: dict) -> dict:
+    setup(spec)
+    from engine.tiny import build_tiny_model, train_tiny_unet
+
+    folder = Path(spec["tiny_folder"])
+    started = time.perf_counter()
+    build_tiny_model(folder)
+    train_tiny_unet(folder, steps=int(spec["training_steps"]))
+    (folder / "trained").touch()
+    return {"seconds": round(time.perf_counter() - started, 1)}
+
+
+def _reference_model(spec: dict, torch, device):
+    from reference import ReferenceModel
+
+    if spec["scale"] == "full":
+        import sd15
+
+        vae = sd15.build_vae(device, torch.float32)
+        unet = sd15.build_unet(device, torch.float32)
+        scheduler = sd15.build_scheduler()
+        context = sd15.text_embedding()
+        params = {"unet": sd15.count_params(unet), "vae": sd15.count_params(vae)}
+    else:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(spec["tiny_folder"])
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        ids = tokenizer("a painting", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        with torch.no_grad():
+            context = text_encoder(ids.input_ids)[0]
+        del text_encoder, tokenizer
+        params = {"unet": sum(p.numel() for p in unet.parameters()), "vae": sum(p.numel() for p in vae.parameters())}
+    vae = vae.to(device).eval().requires_grad_(False)
+    unet = unet.to(device).eval().requires_grad_(False)
+    model = ReferenceModel(
+        vae=vae,
+        unet=unet,
+        context=context.to(device),
+        alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+        scaling_factor=float(vae.config.scaling_factor),
+    )
+    return model, params
+
+
+def aggregate(figures: list[dict]) -> dict:
+    """Per-seed evaluations -> means (and the gain's standard error, since PGD's gain varies a lot by seed)."""
+    gains = [f["protection_gain"] for f in figures]
+    mean = sum(gains) / len(gains)
+    se = None
+    if len(gains) > 1:
+        se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+    return {
+        "protection_gain": round(mean, 4),
+        "protection_gain_se": round(se, 4) if se is not None else None,
+        "protection_gains": gains,
+        "latent_shift": round(sum(f["latent_shift"] for f in figures) / len(figures), 4),
+        "psnr": round(sum(f["psnr"] for f in figures) / len(figures), 2),
+        "max_delta": max(f["max_delta"] for f in figures),
+    }
+
+
+def reference_job(spec: dict) -> dict:
+    torch = setup(spec)
+    import gc
+
+    import reference
+    from engine.model import pick_device
+    from engine.options import EngineOptions
+
+    device = pick_device(EngineOptions().device)  # the device the engine would use, so both sides share it
+    width, height = spec["size"]
+    label = f"[reference {width}x{height}]"
+    started = time.perf_counter()
+    model, params = _reference_model(spec, torch, device)
+    build_seconds = time.perf_counter() - started
+    memory = memory_after_build(torch, device)
+    log(f"{label} model built in {build_seconds:.1f} s (UNet {params['unet'] / 1e6:.1f}M, VAE {params['vae'] / 1e6:.1f}M params, fp32)")
+
+    rgb = painting(width, height)
+    x = torch.tensor(rgb, device=device).permute(2, 0, 1)[None].float() / 127.5 - 1
+    eps, alpha = 2 * REFERENCE_STRENGTH / 255, 2 * REFERENCE_STEP_SIZE / 255
+
+    warm = time.perf_counter()
+    reference.protect(model, x, 1, eps, alpha, seed=0)
+    sync(torch, device)
+    warmup_seconds = time.perf_counter() - warm
+    log(f"{label} warm-up step {warmup_seconds:.2f} s")
+
+    measured = measured_steps(spec, device)
+    full_run = measured is None
+    steps = REFERENCE_STEPS if full_run else measured
+    seeds = spec.get("seeds") or [0]
+    runs = []
+    for seed in seeds:
+        stamps: list[float] = []
+        snapshots: dict[int, np.ndarray] = {}
+
+        def on_step(step: int, x_adv) -> None:
+            sync(torch, device)
+            stamps.append(time.perf_counter())
+            if not full_run:
+                log(f"{label} step {step}/{steps} {stamps[-1] - (stamps[-2] if len(stamps) > 1 else begin):.2f} s")
+            if step in REFERENCE_CHECKPOINTS:
+                snapshots[step] = ((x_adv[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+
+        begin, cpu_begin = time.perf_counter(), time.process_time()
+        reference.protect(model, x, steps, eps, alpha, seed=seed, on_step=on_step)
+        runs.append(
+            {
+                "seed": seed,
+                "seconds": stamps[-1] - begin,
+                "cpu_seconds": time.process_time() - cpu_begin,
+                "at": {step: stamps[step - 1] - begin for step in snapshots},
+                "snapshots": snapshots,
+            }
+        )
+    run_seconds = sum(r["seconds"] for r in runs) / len(runs)
+    seconds_per_step = run_seconds / steps
+    result = {
+        "kind": "reference",
+        "size": [width, height],
+        "device": str(device),
+        "dtype": "float32",
+        "params": params,
+        "build_seconds": round(build_seconds, 2),
+        "warmup_step_seconds": round(warmup_seconds, 3),
+        "seeds": seeds,
+        "steps_measured": steps,
+        "steps_per_image": REFERENCE_STEPS,
+        "strength": REFERENCE_STRENGTH,
+        "step_size": REFERENCE_STEP_SIZE,
+        "seconds_per_step": seconds_per_step,
+        "cpu_seconds_per_step": sum(r["cpu_seconds"] for r in runs) / len(runs) / steps,
+        "overhead_seconds": 0.0,
+        "seconds_per_image": run_seconds if full_run else REFERENCE_STEPS * seconds_per_step,
+        "per_image_extrapolated": not full_run,
+        **memory,
+        **memory_peak(torch, device),
+        "runtime": runtime_info(torch, device),
+    }
+    log(f"{label} {seconds_per_step:.3f} s/step, peak {result['peak_bytes'] / 2**30:.2f} GiB")
+    if spec.get("evaluate"):
+        del model
+        gc.collect()
+        evaluator = load_evaluator(spec, str(device))
+        result["by_steps"] = [
+            {
+                "steps": step,
+                "seconds": round(sum(r["at"][step] for r in runs) / len(runs), 3),
+                **aggregate([evaluate(evaluator, rgb, r["snapshots"][step]) for r in runs]),
+            }
+            for step in REFERENCE_CHECKPOINTS
+            if step <= steps
+        ]
+        result.update({k: v for k, v in result["by_steps"][-1].items() if k not in ("steps", "seconds")})
+    return result
+
+
+def _protect_timed(protect_image, source, model, options, label: str, verbose: bool) -> dict:
+    """Run protect_image once and time it.
+
+    Seconds per step come from the progress callback's timestamps, leaving out
+    everything before the first callback (setup, and step 1, which warms the
+    caches and the allocator). The callback fires at most twice a second, so at
+    tiny scale the marks are a few steps apart; at full scale every step is
+    longer than that and each one is marked.
+    """
+    marks: list[tuple[int, float, float]] = []
+    begin = time.perf_counter()
+
+    def progress(step: int, total: int, loss: float) -> None:
+        marks.append((step, time.perf_counter(), time.process_time()))
+        if verbose:
+            previous = marks[-2][1] if len(marks) > 1 else begin
+            log(f"{label} step {step}/{total} {marks[-1][1] - previous:.2f} s (loss {loss:.4f})")
+
+    protected = protect_image(source, model, options, progress)
+    wall = time.perf_counter() - begin
+    if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
+        (s0, t0, c0), (s1, t1, c1) = marks[0], marks[-1]
+        per_step, cpu_per_step, timed = (t1 - t0) / (s1 - s0), (c1 - c0) / (s1 - s0), s1 - s0
+        source_of = f"progress timestamps, steps {s0 + 1}..{s1}"
+    else:
+        per_step, cpu_per_step, timed = float(protected.report["seconds_per_step"]), None, options.steps
+        source_of = "engine report (pgd seconds / steps, first step included)"
+    return {
+        "protected": protected,
+        "wall": wall,
+        "seconds_per_step": per_step,
+        "cpu_seconds_per_step": cpu_per_step,
+        "timed_steps": timed,
+        "overhead": max(0.0, wall - options.steps * per_step),
+        "seconds_per_step_from": source_of,
+    }
+
+
+def mode_job(spec: dict) -> dict:
+    torch = setup(spec)
+    import gc
+
+    from engine.options import EngineOptions
+    from engine.protect import protect_image
+
+    mode = spec["mode"]
+    width, height = spec["size"]
+    label = f"[{spec.get('label', mode)} {width}x{height}]"
+    model_ref = spec["tiny_folder"] if spec["scale"] == "tiny" else EngineOptions().model
+    options = EngineOptions(mode=mode, model=model_ref, **spec.get("overrides", {}))
+    settings = options.model_dump(mode="json")
+
+    started = time.perf_counter()
+    if spec["scale"] == "full":
+        import sd15
+
+        model, built_via = sd15.load_engine_model(options)
+    else:
+        from engine.model import load_model
+
+        model, built_via = load_model(options), "engine.model.load_model from the tiny model's folder"
+    build_seconds = time.perf_counter() - started
+    device = model.device
+    memory = memory_after_build(torch, device)
+    params = {"unet": sum(p.numel() for p in model.unet.parameters()), "vae": sum(p.numel() for p in model.vae.parameters())}
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    log(
+        f"{label} model built in {build_seconds:.1f} s via {built_via} "
+        f"(UNet {params['unet'] / 1e6:.1f}M, VAE {params['vae'] / 1e6:.1f}M params, {dtype_name})"
+    )
+
+    rgb = painting(width, height)
+    source = source_image(rgb)
+    measured = measured_steps(spec, device)
+    full_run = measured is None
+    if spec.get("warmup_call"):
+        # Cheap at tiny scale: one whole 1-step image, so the measured runs start warm.
+        protect_image(source, model, EngineOptions(**{**settings, "steps": 1}))
+    steps = options.steps if full_run else 1 + measured
+    seeds = spec.get("seeds") or [options.seed]
+    runs = [
+        _protect_timed(protect_image, source, model, EngineOptions(**{**settings, "steps": steps, "seed": seed}), label, not full_run)
+        for seed in seeds
+    ]
+
+    def mean(key: str):
+        values = [r[key] for r in runs]
+        return None if None in values else sum(values) / len(values)
+
+    seconds_per_step, overhead = mean("seconds_per_step"), mean("overhead")
+    extrapolated = overhead + options.steps * seconds_per_step
+    report = runs[0]["protected"].report
+    result = {
+        "kind": "mode",
+        "mode": mode,
+        "overrides": spec.get("overrides", {}),
+        "size": [width, height],
+        "device": str(device),
+        "dtype": dtype_name,
+        "vae_dtype": str(model.vae.dtype).removeprefix("torch."),
+        "built_via": built_via,
+        "params": params,
+        "engine_defaults": settings,
+        "build_seconds": round(build_seconds, 2),
+        "seeds": seeds,
+        "steps_run": steps,
+        "steps_measured": runs[0]["timed_steps"],
+        "steps_per_image": options.steps,
+        "samples_per_step": options.samples_per_step,
+        "strength": options.strength,
+        "step_size": options.step_size,
+        "seconds_per_step": seconds_per_step,
+        "seconds_per_step_from": runs[0]["seconds_per_step_from"],
+        "cpu_seconds_per_step": mean("cpu_seconds_per_step"),
+        "overhead_seconds": overhead,
+        "seconds_per_image": mean("wall") if full_run else extrapolated,
+        "seconds_per_image_extrapolated": extrapolated,
+        "per_image_extrapolated": not full_run,
+        "working_size": report.get("working_size"),
+        "engine_report": report,
+        **memory,
+        **memory_peak(torch, device),
+        "runtime": runtime_info(torch, device),
+    }
+    log(f"{label} {seconds_per_step:.3f} s/step, overhead {overhead:.2f} s, peak {result['peak_bytes'] / 2**30:.2f} GiB")
+
+    if spec.get("evaluate"):
+        from engine.model import load_model, pick_dtype
+
+        evaluator = model if model.dtype == torch.float32 else load_evaluator(spec, str(device))
+        result.update(aggregate([evaluate(evaluator, rgb, decode_rgb(r["protected"].data)) for r in runs]))
+        result["sweep"] = []
+        models = {model.dtype: model}
+        for overrides in spec.get("sweep", []):
+            try:
+                variant = EngineOptions(**{**settings, **overrides})
+                dtype = pick_dtype(variant.dtype, device) if "dtype" in overrides else model.dtype
+            except Exception as error:  # e.g. fp16 asked for on a CPU
+                result["sweep"].append({**overrides, "error": str(error)})
+                continue
+            if "dtype" in overrides and dtype == model.dtype:
+                continue  # the default already resolves to this dtype here
+            if dtype not in models:
+                models[dtype] = load_model(variant)
+                protect_image(source, models[dtype], EngineOptions(**{**settings, **overrides, "steps": 1}))
+            sweep_runs = [
+                _protect_timed(protect_image, source, models[dtype], EngineOptions(**{**settings, **overrides, "seed": seed}), label, False)
+                for seed in seeds
+            ]
+            result["sweep"].append(
+                {
+                    "changed": overrides,
+                    "steps": variant.steps,
+                    "samples_per_step": variant.samples_per_step,
+                    "step_size": variant.step_size,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "seconds": round(sum(r["wall"] for r in sweep_runs) / len(sweep_runs), 3),
+                    **aggregate([evaluate(evaluator, rgb, decode_rgb(r["protected"].data)) for r in sweep_runs]),
+                }
+            )
+        del models
+        gc.collect()
+    for run in runs:
+        run.pop("protected")
+    return result
+
+
+JOBS = {"train": train_job, "reference": reference_job, "mode": mode_job}
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    result = JOBS[spec["job"]](spec)
+    Path(sys.argv[2]).write_text(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

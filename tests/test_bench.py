@@ -1,0 +1,90 @@
+"""The benchmark (bench/run.py) at tiny scale: it runs, covers every mode and the reference, and ends
+with its one-line summary.
+
+Marked slow: five measurement processes, each importing torch and diffusers,
+plus whole 100-step images, take about a minute on two quiet cores (more the
+first time, when the tiny model is trained).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARY = re.compile(
+    r"^(advdm|mist|sds|encoder): \d+\.\dx faster than reference, memory \d+\.\d\dx, gain (\d+\.\d\dx|n/a) of reference$"
+)
+
+
+def _constant(path: Path, name: str):
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{name} not found in {path}")
+
+
+def test_bench_trains_the_tiny_model_as_the_tests_do():
+    # Same training steps => same cache key => the bench reuses the tests' cached tiny model.
+    assert _constant(ROOT / "bench" / "run.py", "TRAINING_STEPS") == _constant(ROOT / "tests" / "conftest.py", "TRAINING_STEPS")
+
+
+def test_sd15_configs_are_stable_diffusion_1_5():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import sd15
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert sd15.UNET_CONFIG["block_out_channels"] == (320, 640, 1280, 1280)
+    assert sd15.UNET_CONFIG["cross_attention_dim"] == 768
+    assert sd15.UNET_CONFIG["attention_head_dim"] == 8
+    assert sd15.UNET_CONFIG["layers_per_block"] == 2
+    assert sd15.UNET_CONFIG["sample_size"] == 64
+    assert sd15.VAE_CONFIG["block_out_channels"] == (128, 256, 512, 512)
+    assert sd15.VAE_CONFIG["latent_channels"] == 4
+    assert sd15.VAE_CONFIG["sample_size"] == 512
+
+
+@pytest.mark.slow
+def test_tiny_bench_runs_and_reports_every_mode(tmp_path: Path, tiny_model: Path):
+    # tiny_model: the session's trained tiny model, so the bench finds it in pytest's cache.
+    figures = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "bench/run.py", "--scale", "tiny", "--json", str(figures)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    last_line = done.stdout.strip().splitlines()[-1]
+    assert SUMMARY.match(last_line), last_line
+
+    report = json.loads(figures.read_text())
+    assert report["summary"] == last_line
+    assert report["errors"] == []
+    assert report["machine"]["physical_cores"] >= 1
+    assert report["runtime"]["torch"]
+    (row,) = report["results"].values()
+    assert set(row) == {"reference", "advdm", "mist", "sds", "encoder"}
+    reference = row["reference"]
+    assert reference["seconds_per_step"] > 0
+    assert reference["peak_bytes"] >= reference["baseline_bytes"] > 0
+    assert reference["protection_gain"] > 1
+    assert [r["steps"] for r in reference["by_steps"]] == [25, 50, 100]
+    for mode in ("advdm", "mist", "sds", "encoder"):
+        figures = row[mode]
+        assert figures["seconds_per_step"] > 0
+        assert figures["speedup"] > 0
+        assert figures["memory_ratio"] > 0
+        assert figures["gain_ratio"] > 0
+        assert figures["per_image_extrapolated"] is False
+    default_mode = report["engine_defaults"]["mode"]
+    assert row[default_mode]["sweep"], "the default mode gets a settings sweep"
+    assert all(entry["gain_ratio"] > 0 for entry in row[default_mode]["sweep"])
