@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("doctor", help="check torch, the device, the model, folders and inotify limits")
     p.set_defaults(run=_doctor)
+
+    p = commands.add_parser("demo", help="see the whole flow on a tiny RANDOM model (a pipeline demo: protects nothing)",
+                            description="Runs the real daemon on a temporary inbox with a tiny random model and "
+                            "three sample images. Ignores your config; never touches your inbox or job table.")
+    p.add_argument("--dir", type=Path, metavar="DIR", help="a new or empty folder to run in and keep (default: temporary)")
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS", help="give up after this long (default 600)")
+    p.set_defaults(run=_demo)
     return parser
 
 
@@ -236,6 +243,12 @@ def _doctor(args: argparse.Namespace) -> int:
     results = run_checks(_settings(args))
     print(render(results))
     return 1 if any(level == FAIL for level, _ in results) else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(args.dir, args.timeout)
 
 
 if __name__ == "__main__":
