@@ -26,7 +26,7 @@ PROCESSES = ("watcher", "engine")
 EXIT_DAEMON_DOWN = 3
 
 
-def build_report(settings: Settings, failures: int = 10) -> dict[str, Any]:
+def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) -> dict[str, Any]:
     """The ``status --json`` object. Creates nothing when the daemon has never run."""
     now = time.time()
     report: dict[str, Any] = {
@@ -38,6 +38,7 @@ def build_report(settings: Settings, failures: int = 10) -> dict[str, Any]:
         "counts": dict.fromkeys(STATES, 0),
         "running": None,
         "failures": [],
+        "latest_done": [],
         "throughput_24h": {"hours": 24, "done": 0, "failed": 0, "skipped": 0, "mean_seconds": None},
     }
     if not settings.db_path.exists():
@@ -55,6 +56,12 @@ def build_report(settings: Settings, failures: int = 10) -> dict[str, Any]:
             {"id": job.id, "path": job.source_path, "error": job.error, "state": job.state,
              "attempts": job.attempts, "at": job.updated_at}
             for job in store.failures(failures)
+        ]
+        # The per-image figures answer "did it do anything?" without digging in the logs.
+        report["latest_done"] = [
+            {"id": job.id, "path": job.source_path, "output": job.output_path, "at": job.finished_at,
+             "metrics": job.metrics}
+            for job in store.jobs("done", limit=latest_done)
         ]
         report["throughput_24h"] = store.throughput(24)
     finally:
@@ -110,11 +117,21 @@ def render(report: dict[str, Any]) -> str:
     day = report["throughput_24h"]
     mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""
     lines.append(f"last 24h: {day['done']} done{mean}, {day['failed']} failed, {day['skipped']} skipped as duplicates")
+    if report["latest_done"]:
+        lines.append("latest done:")
+        lines += [f"  #{d['id']} {d['output']}{_figures(d['metrics'])}" for d in report["latest_done"][:3]]
     if report["failures"]:
         lines.append("latest failures (fixative retry ID | --failed):")
         lines += [f"  #{f['id']} {f['path']}: {f['error']}{' (will retry)' if f['state'] == 'queued' else ''}"
                   for f in report["failures"]]
     return "\n".join(lines)
+
+
+def _figures(metrics: dict[str, Any]) -> str:
+    shown = [f"{label} {metrics[key]}{unit}" for key, label, unit in
+             (("psnr", "PSNR", " dB"), ("max_delta", "max change", " levels"), ("protection_gain", "gain", ""))
+             if key in metrics]
+    return " · " + " · ".join(shown) if shown else ""
 
 
 def _process(beat: dict[str, Any]) -> str:
