@@ -1,0 +1,165 @@
+"""``fixative protect`` as a real subprocess, on the tiny model, with real good and bad files.
+
+Each subprocess imports torch and diffusers (several seconds on two cores), so
+the cases are grouped into few invocations. HOME, XDG_* and the Hugging Face
+cache point into tmp_path, so no real user configuration or model is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import painting
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT_KEYS = {
+    "mode", "strength", "steps", "step_size", "samples_per_step", "seed", "device", "dtype", "model", "size",
+    "working_size", "format", "seconds", "seconds_per_step", "psnr", "ssim", "max_delta", "loss_original",
+    "loss_protected", "protection_gain", "latent_shift",
+}
+
+
+@pytest.fixture
+def env(tmp_path: Path, tiny_model: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FIXATIVE_", "XDG_", "HF_"))}
+    home = tmp_path / "home"
+    home.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[engine]\nmodel = "{tiny_model}"\ndevice = "cpu"\nsteps = 3\n')
+    return {
+        **clean,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_STATE_HOME": str(home / ".local" / "state"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "HF_HOME": str(home / ".cache" / "huggingface"),
+        "HF_HUB_OFFLINE": "1",
+        "FIXATIVE_CONFIG": str(config),
+    }
+
+
+def fixative(env: dict[str, str], *argv: str, script: bool = False) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "fixative")] if script else [sys.executable, "-m", "daemon.cli"]
+    return subprocess.run([*command, *argv], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_painting(path: Path, height: int = 256, width: int = 320, seed: int = 5) -> Path:
+    Image.fromarray(painting(height, width, seed=seed)).save(path)
+    return path
+
+
+def bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files that must each fail with a clear message: name -> (path, words the error must contain)."""
+    empty = folder / "empty.png"
+    empty.write_bytes(b"")
+    text = folder / "notes.png"
+    text.write_text("these are my notes, not a picture\n" * 20)
+    whole = write_painting(folder / "whole.png", seed=9).read_bytes()
+    truncated = folder / "truncated.png"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    (folder / "whole.png").unlink()
+    animated = folder / "animated.gif"
+    frames = [Image.fromarray(painting(300, 300, seed=s)).convert("P") for s in (1, 2)]
+    frames[0].save(animated, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    small = write_painting(folder / "thumbnail.png", height=100, width=120)
+    missing = folder / "missing.png"
+    return {
+        "empty": (empty, "empty"),
+        "not an image": (text, "not an image"),
+        "truncated": (truncated, "damaged"),
+        "animated": (animated, "animated"),
+        "too small": (small, "at least 256"),
+        "missing": (missing, "missing.png"),
+    }
+
+
+def test_json_mix_of_good_and_bad_files(env: dict[str, str], tmp_path: Path, tiny_model: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = write_painting(inputs / "good art.png")
+    bad = bad_files(inputs)
+    before = {path: digest(path) for path in inputs.iterdir()}
+    out = tmp_path / "out"
+
+    done = fixative(
+        env, "protect", str(good), *(str(path) for path, _ in bad.values()),
+        "-o", str(out), "--model", str(tiny_model), "--strength", "subtle", "--steps", "3", "--seed", "4", "--json",
+    )
+    assert done.returncode == 1, done.stderr
+
+    # Good or bad, each image gets one JSON object on stdout, in order; nothing else goes there.
+    objects = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [o["image"] for o in objects] == [str(good), *(str(path) for path, _ in bad.values())]
+    report = objects[0]
+    assert REPORT_KEYS <= set(report), REPORT_KEYS - set(report)
+    assert "error" not in report
+    assert report["output"] == str(out / "good art.protected.png")
+    assert report["mode"] == "advdm" and report["strength"] == 4 and report["steps"] == 3 and report["seed"] == 4
+    assert report["max_delta"] <= 4 and report["size"] == [320, 256]
+    assert report["warnings"] == []
+    for (name, (path, words)), failure in zip(bad.items(), objects[1:]):
+        assert set(failure) == {"image", "error"}, name
+        assert words in failure["error"], (name, failure["error"])
+        assert str(path.name) in failure["error"], (name, failure["error"])
+        assert "Traceback" not in failure["error"]
+
+    # Only the good image was written, and it is within the budget of its original.
+    assert sorted(p.name for p in out.iterdir()) == ["good art.protected.png"]
+    with Image.open(out / "good art.protected.png") as image:
+        assert image.size == (320, 256)
+        protected = np.array(image.convert("RGB"))
+    original = np.array(Image.open(good).convert("RGB"))
+    assert np.abs(protected.astype(int) - original.astype(int)).max() <= 4
+    # No stray outputs beside the inputs, and every input is untouched.
+    assert {path: digest(path) for path in inputs.iterdir()} == before
+    assert "Traceback" not in done.stderr
+
+
+def test_human_report_from_config_output_beside_the_image_and_jpeg_warning(env: dict[str, str], tmp_path: Path) -> None:
+    """The console script; no --model and no -o: model, device and steps come from FIXATIVE_CONFIG."""
+    image = write_painting(tmp_path / "landscape.png")
+    before = digest(image)
+    done = fixative(env, "protect", str(image), "--mode", "encoder", "--format", "jpeg", script=True)
+    assert done.returncode == 0, done.stderr
+    written = tmp_path / "landscape.protected.jpg"
+    with Image.open(written) as output:
+        assert output.format == "JPEG" and output.size == (320, 256)
+    assert f"{image} -> {written}" in done.stdout
+    assert "encoder" in done.stdout and "3 steps" in done.stdout and "on cpu" in done.stdout
+    assert "protection gain" in done.stdout and "PSNR" in done.stdout and "max change" in done.stdout
+    assert "warning:" in done.stdout and "lossy" in done.stdout
+    assert digest(image) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["config.toml", "landscape.png", "landscape.protected.jpg"]
+
+
+def test_pickle_model_refused_and_bad_steps_are_usage_errors(env: dict[str, str], tmp_path: Path) -> None:
+    image = write_painting(tmp_path / "art.png")
+    checkpoint = tmp_path / "x.ckpt"
+    checkpoint.write_bytes(b"not really a pickle")
+    out = tmp_path / "out"
+
+    refused = fixative(env, "protect", str(image), "-o", str(out), "--model", str(checkpoint))
+    assert refused.returncode == 1
+    assert "pickle" in refused.stderr and "x.ckpt" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not out.exists() or not any(out.iterdir())
+    assert not (tmp_path / "art.protected.png").exists()
+
+    zero = fixative(env, "protect", str(image), "-o", str(out), "--steps", "0")
+    assert zero.returncode == 2
+    assert "steps" in zero.stderr
+    assert "Traceback" not in zero.stderr
+    assert not out.exists() or not any(out.iterdir())
