@@ -104,12 +104,18 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_model_folder(model: str) -> Path:
-    """Turn the ``model`` setting into a local diffusers folder, or explain what to do."""
+    """Turn the ``model`` setting into a local diffusers folder or .safetensors file, or explain what to do."""
     path = Path(model).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelError(
             f"refusing to load {model}: {path.suffix} checkpoints are Python pickles, and loading one can run "
             "arbitrary code. Use a .safetensors checkpoint or a diffusers folder."
+        )
+    if path.is_file() and path.suffix.lower() != ".safetensors":
+        # diffusers would hand any other single file to torch.load, i.e. unpickle it.
+        raise ModelError(
+            f"refusing to load {model}: a single-file model must be a .safetensors checkpoint "
+            "(anything else may be a pickle, which can run arbitrary code). Or use a diffusers folder."
         )
     if path.exists():
         return path
