@@ -324,6 +324,9 @@ def _check_writable(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
+    except (FileExistsError, NotADirectoryError) as error:  # strerror would say "File exists": true, but unhelpful
+        raise MachineError(f"cannot write in the export folder {folder}: a file is in the way "
+                           f"where a folder should be") from error
     except OSError as error:
         raise MachineError(f"cannot write in the export folder {folder}: {error.strerror or error}") from error
 
