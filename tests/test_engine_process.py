@@ -43,7 +43,10 @@ steps = 4
 """)
     (tmp_path / "inbox" / "sub").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FIXATIVE_", "NOTIFY_", "WATCHDOG_"))}
-    env.update(HOME=str(tmp_path), FIXATIVE_CONFIG=str(config), NOTIFY_SOCKET=str(tmp_path / "notify"))
+    # OMP_NUM_THREADS=1: on a busy machine, OpenMP threads waiting for each
+    # other make each tiny-model step 10-50x slower.
+    env.update(HOME=str(tmp_path), FIXATIVE_CONFIG=str(config), NOTIFY_SOCKET=str(tmp_path / "notify"),
+               OMP_NUM_THREADS="1")
     return env, tmp_path
 
 
@@ -107,6 +110,9 @@ def test_engine_reports_ready_protects_and_obeys_sigterm(daemon_env, systemd) ->
 
 def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, systemd) -> None:
     env, root = daemon_env
+    # Long enough jobs (a few seconds) to be caught mid-way: progress reaches
+    # the table with each heartbeat (0.5 s), and 4 steps take 0.2 s on an idle CPU.
+    env = {**env, "FIXATIVE_ENGINE__STEPS": "60"}
     store = JobStore(root / "state" / "jobs.db")
     daemon = start(env, "run")
     try:
