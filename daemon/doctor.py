@@ -64,14 +64,14 @@ def probe() -> None:
     import torch
 
     from engine.errors import EngineError
-    from engine.model import pick_device, pick_dtype, resolve_model_folder
+    from engine.model import pick_device, pick_dtypes, resolve_model_folder
     from engine.options import EngineOptions
 
     options = EngineOptions.model_validate_json(sys.argv[1])
     found: dict[str, str] = {"torch": torch.__version__}
     try:
         device = pick_device(options.device)
-        pick_dtype(options.dtype, device)
+        pick_dtypes(options.dtype, device)
         found["device"] = device.type
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)

@@ -48,8 +48,8 @@ class EngineOptions(BaseModel):
     device: Device = "auto"
     dtype: DType = Field(
         "auto",
-        description="Model precision. auto: bf16 where the hardware computes it natively (recent NVIDIA GPUs, "
-        "CPUs with AVX512-BF16 or AMX), else fp32. The perturbation itself is always fp32.",
+        description="Model precision; auto picks what measured fastest on this hardware (see "
+        "engine.model.pick_dtypes). The perturbation itself is always fp32.",
     )
     low_vram: bool = Field(
         False,

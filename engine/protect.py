@@ -103,6 +103,7 @@ def protect_image(
         "seed": options.seed,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "vae_dtype": str(model.vae.dtype).removeprefix("torch."),
         "model": model.source,
         "size": [width, height],
         "working_size": [geometry.work[1], geometry.work[0]],

@@ -182,10 +182,11 @@ def test_bf16_on_cpu_loads_unet_and_vae_in_bf16(tiny_model: Path) -> None:
     assert model.alphas_cumprod.dtype == torch.float32
 
 
-def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_computes_it_natively(tiny_model: Path) -> None:
+def test_auto_dtype_on_cpu_puts_only_the_vae_in_bf16_where_the_cpu_computes_it_natively(tiny_model: Path) -> None:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     native = "avx512_bf16" in flags or "amx_bf16" in flags
     model = load_model(options(tiny_model))  # dtype defaults to auto
     assert EngineOptions().dtype == "auto"
-    assert model.dtype == (torch.bfloat16 if native else torch.float32)
-    assert model.vae.dtype == model.dtype
+    # Measured on such a CPU: the VAE runs 2x faster in bf16, the UNet's backward slower.
+    assert model.vae.dtype == (torch.bfloat16 if native else torch.float32)
+    assert model.dtype == torch.float32
