@@ -1,0 +1,46 @@
+"""The README is documentation people copy from: keep its commands true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from daemon.cli import build_parser
+from daemon.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _subcommands() -> set[str]:
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions if action.dest == "command"]
+    return set(commands.choices)
+
+
+def test_every_fixative_command_in_the_readme_exists() -> None:
+    # Only code spans count: in prose "fixative is..." is not a command.
+    fenced = re.findall(r"```sh\n(.*?)```", README, re.S)
+    inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", README, flags=re.S))
+    code = "\n".join(fenced + inline)
+    mentioned = set(re.findall(r"fixative ([a-z][a-z-]+)", code))
+    assert {"run", "protect", "status", "demo", "doctor", "model"} <= mentioned
+    assert mentioned <= _subcommands()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    (test_command,) = [line for line in README.splitlines() if "pytest" in line and line.startswith("python3 -m venv")]
+    ci = (ROOT / ".ci" / "run").read_text()
+    for step in test_command.split(" && "):
+        core = step.split("pip install ")[-1] if "pip install" in step else step
+        assert core.strip() in ci, f"README test step not in .ci/run: {step}"
+
+
+def test_environment_variables_in_the_readme_name_real_settings() -> None:
+    for variable in re.findall(r"FIXATIVE_([A-Z_]+[A-Z])", README):
+        if variable == "CONFIG":
+            continue
+        top, _, nested = variable.lower().partition("__")
+        assert top in Settings.model_fields, variable
+        if nested:
+            assert nested in Settings.model_fields[top].annotation.model_fields, variable
