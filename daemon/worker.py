@@ -25,6 +25,7 @@ Importing this module does not import torch; :func:`run_engine` does.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import socket
@@ -250,6 +251,8 @@ class Engine:
         if not self.store.plan_output(job.id, self.owner, output):
             self.pulse.lost.set()
             raise _Stop()
+        if job.output_path:  # an earlier attempt planned this name, and may have died mid-write
+            _remove_temp_files(output)
         try:
             write_atomically(output, protected.data)
         except OSError as error:
@@ -329,6 +332,18 @@ def _check_writable(folder: Path) -> None:
                            f"where a folder should be") from error
     except OSError as error:
         raise MachineError(f"cannot write in the export folder {folder}: {error.strerror or error}") from error
+
+
+def _remove_temp_files(path: Path) -> None:
+    """Remove what :func:`write_atomically` leaves for ``path`` when killed before its rename.
+
+    Only names of that exact pattern, and only for an output name reserved for
+    the calling job, so nothing else can match.
+    """
+    for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            temp.unlink()
+            log.info("engine.removed_temp_file", file=str(temp))
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -97,6 +97,8 @@ def test_a_crash_after_writing_leaves_one_output(worker, store, settings, protec
     store.plan_output(job.id, "engine-that-died", planned)
     planned.parent.mkdir()
     planned.write_bytes(b"written just before the crash")
+    # And a temp file of an attempt killed before its rename (write_atomically's name pattern).
+    (settings.export_dir / ".a.png.k2j4h6g8.tmp").write_bytes(b"half a file")
 
     assert run_one(worker, store).output_path == str(planned)
     assert [p.name for p in settings.export_dir.iterdir()] == ["a.png"]
