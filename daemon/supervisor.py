@@ -17,8 +17,10 @@ This process never imports torch.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import subprocess
 import threading
 import time
@@ -43,6 +45,20 @@ HEALTHY_RUN_SECONDS = 600.0
 # Waiting for the engine to finish or release its job on stop; the unit's
 # TimeoutStopSec (180 s) SIGKILLs everything shortly after.
 ENGINE_STOP_SECONDS = 170.0
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """Runs in the engine child before exec: have the kernel SIGTERM it if `fixative run` dies.
+
+    Under systemd the cgroup is cleaned up anyway, but a `fixative run` killed
+    with SIGKILL in a terminal (or by a test) left an orphaned engine holding
+    the GPU and the job table.
+    """
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class _WatcherThread(threading.Thread):
@@ -120,7 +136,7 @@ class _Engine:
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, env=self.env)
+        self.process = subprocess.Popen(self.command, env=self.env, preexec_fn=_die_with_parent)
         self.started = time.monotonic()
         log.info("run.engine_started", pid=self.process.pid)
 

@@ -142,3 +142,26 @@ def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, syst
     for name, content in originals.items():
         assert (root / "inbox" / name).read_bytes() == content
     assert all(job.metrics.get("psnr") for job in store.jobs("done"))
+
+
+def test_engine_child_exits_when_run_is_killed(daemon_env, systemd) -> None:
+    """kill -9 of `fixative run` outside systemd must not leave an orphaned engine holding the GPU."""
+    env, root = daemon_env
+    store = JobStore(root / "state" / "jobs.db")
+    daemon = start(env, "run")
+    try:
+        wait_ready(systemd)
+        engine_pid = store.processes()["engine"]["pid"]
+        daemon.kill()
+        daemon.wait(timeout=10)
+        wait_for(lambda: not Path(f"/proc/{engine_pid}").exists() or _is_zombie(engine_pid),
+                 "the orphaned engine to exit", timeout=60)
+    finally:
+        daemon.kill()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
