@@ -352,7 +352,7 @@ def print_speed_table(results: dict, scale: str) -> None:
         say()
         say(f"{size} ({scale} scale)")
         say(
-            f"  {'what':<10} {'dtype':<9} {'s/step':>9} {'cpu s/step':>10} {'overhead s':>10} {'s/image':>10} {'speed-up':>9} "
+            f"  {'what':<10} {'dtype':<22} {'s/step':>9} {'cpu s/step':>10} {'overhead s':>10} {'s/image':>10} {'speed-up':>9} "
             f"{'peak GiB':>9} {'model GiB':>9} {'memory':>7}"
         )
         for what, figures in row.items():
@@ -364,7 +364,7 @@ def print_speed_table(results: dict, scale: str) -> None:
             memory = f"{figures['memory_ratio']:.2f}x" if "memory_ratio" in figures else "1.00x"
             dtype = figures["dtype"] if figures.get("vae_dtype", figures["dtype"]) == figures["dtype"] else f"{figures['dtype']}/vae {figures['vae_dtype']}"
             say(
-                f"  {what:<10} {dtype:<9} {figures['seconds_per_step']:>9.4f} {_num(figures.get('cpu_seconds_per_step')):>10} "
+                f"  {what:<10} {dtype:<22} {figures['seconds_per_step']:>9.4f} {_num(figures.get('cpu_seconds_per_step')):>10} "
                 f"{figures['overhead_seconds']:>10.2f} "
                 f"{figures['seconds_per_image']:>9.1f}{star} {speed:>9} {_gib(figures['peak_bytes']):>9} "
                 f"{_gib(figures['baseline_bytes']):>9} {memory:>7}"
@@ -383,6 +383,10 @@ def print_speed_table(results: dict, scale: str) -> None:
             if working and working != {tuple(int(s) for s in size.split("x"))}:
                 say(f"  note: the engine worked at {', '.join('x'.join(map(str, w)) for w in working)}; the reference at {size}")
         say("  cpu s/step = process CPU time per step over all threads: on a shared machine it shows the work when wall time is inflated")
+        for what, figures in row.items():
+            through = figures.get("peak_bytes_through_pgd")
+            if through and figures.get("peak_bytes", 0) > through * 1.02:
+                say(f"  {what}: peak {_gib(through)} GiB through the PGD steps; the per-image report (gain, metrics) raised it to {_gib(figures['peak_bytes'])} GiB")
         reference = row.get("reference", {})
         if "peak_kind" in reference:
             say(

@@ -88,8 +88,9 @@ def _materialise(cls, config: dict, device: torch.device, dtype: torch.dtype, se
             if hasattr(sub, "reset_parameters") and any(True for _ in sub.parameters(recurse=False)):
                 sub.reset_parameters()  # PyTorch's defaults: kaiming-uniform convs/linears, unit norms
     torch.random.set_rng_state(generator_state)
-    for name, buffer in module.named_buffers():
-        raise RuntimeError(f"{cls.__name__} has a buffer {name} that meta-device building would leave uninitialised")
+    buffers = [name for name, _ in module.named_buffers()]
+    if buffers:
+        raise RuntimeError(f"{cls.__name__} has buffers {buffers} that meta-device building would leave uninitialised")
     return module.eval().requires_grad_(False)
 
 
@@ -189,9 +190,10 @@ def load_engine_model(options):
         ):
             return engine_model.load_model(options), "engine.model.load_model with in-memory SD-1.5 parts"
 
+    from worker import resolve_dtypes
+
     device = engine_model.pick_device(options.device)
-    dtype = engine_model.pick_dtype(options.dtype, device)
-    vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    vae_dtype, dtype = resolve_dtypes(options.dtype, device)
     vae, unet = build_vae(device, vae_dtype), build_unet(device, dtype)
     scheduler = build_scheduler()
     model = engine_model.LoadedModel(
@@ -201,8 +203,8 @@ def load_engine_model(options):
         alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
         scaling_factor=float(vae.config.scaling_factor),
         prediction_type="epsilon",
-        resolution=512,
-        size_multiple=64,
+        resolution=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
+        size_multiple=2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1),
         device=device,
         dtype=dtype,
         source="<sd15-random-weights>",

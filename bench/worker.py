@@ -156,6 +156,18 @@ def source_image(rgb: np.ndarray):
     return SourceImage(**{f.name: values.get(f.name) for f in dataclasses.fields(SourceImage)})
 
 
+def resolve_dtypes(name: str, device):
+    """(VAE dtype, UNet dtype) the engine picks for the ``dtype`` option on ``device``."""
+    import torch
+
+    import engine.model as engine_model
+
+    if hasattr(engine_model, "pick_dtypes"):
+        return tuple(engine_model.pick_dtypes(name, device))
+    unet_dtype = engine_model.pick_dtype(name, device)  # older engines: one dtype, VAE fp32 unless bf16
+    return (torch.bfloat16 if unet_dtype == torch.bfloat16 else torch.float32), unet_dtype
+
+
 def load_evaluator(spec: dict, device_name: str):
     """The tiny model in fp32: one fixed judge of protection gain for the reference and every mode."""
     from engine.model import load_model
@@ -239,6 +251,12 @@ def _reference_model(spec: dict, torch, device):
         scaling_factor=float(vae.config.scaling_factor),
     )
     return model, params
+
+
+def _dtype_text(vae_dtype, unet_dtype) -> str:
+    unet = str(unet_dtype).removeprefix("torch.")
+    vae = str(vae_dtype).removeprefix("torch.")
+    return unet if vae == unet else f"{unet}/vae {vae}"
 
 
 def aggregate(figures: list[dict]) -> dict:
@@ -364,11 +382,16 @@ def _protect_timed(protect_image, source, model, options, label: str, verbose: b
     tiny scale the marks are a few steps apart; at full scale every step is
     longer than that and each one is marked.
     """
+    import torch
+
     marks: list[tuple[int, float, float]] = []
+    pgd_peak: list[int] = []
     begin = time.perf_counter()
 
     def progress(step: int, total: int, loss: float) -> None:
         marks.append((step, time.perf_counter(), time.process_time()))
+        if step == total:  # the peak so far covers model building and every PGD step, not the report
+            pgd_peak.append(memory_peak(torch, model.device)["peak_bytes"])
         if verbose:
             previous = marks[-2][1] if len(marks) > 1 else begin
             log(f"{label} step {step}/{total} {marks[-1][1] - previous:.2f} s (loss {loss:.4f})")
@@ -390,6 +413,7 @@ def _protect_timed(protect_image, source, model, options, label: str, verbose: b
         "timed_steps": timed,
         "overhead": max(0.0, wall - options.steps * per_step),
         "seconds_per_step_from": source_of,
+        "peak_bytes_through_pgd": pgd_peak[-1] if pgd_peak else None,
     }
 
 
@@ -470,6 +494,7 @@ def mode_job(spec: dict) -> dict:
         "seconds_per_step_from": runs[0]["seconds_per_step_from"],
         "cpu_seconds_per_step": mean("cpu_seconds_per_step"),
         "overhead_seconds": overhead,
+        "peak_bytes_through_pgd": max((r["peak_bytes_through_pgd"] or 0) for r in runs) or None,
         "seconds_per_image": mean("wall") if full_run else extrapolated,
         "seconds_per_image_extrapolated": extrapolated,
         "per_image_extrapolated": not full_run,
@@ -482,21 +507,22 @@ def mode_job(spec: dict) -> dict:
     log(f"{label} {seconds_per_step:.3f} s/step, overhead {overhead:.2f} s, peak {result['peak_bytes'] / 2**30:.2f} GiB")
 
     if spec.get("evaluate"):
-        from engine.model import load_model, pick_dtype
+        from engine.model import load_model
 
-        evaluator = model if model.dtype == torch.float32 else load_evaluator(spec, str(device))
+        own = (model.vae.dtype, model.dtype)
+        evaluator = model if own == (torch.float32, torch.float32) else load_evaluator(spec, str(device))
         result.update(aggregate([evaluate(evaluator, rgb, decode_rgb(r["protected"].data)) for r in runs]))
         result["sweep"] = []
-        models = {model.dtype: model}
+        models = {own: model}
         for overrides in spec.get("sweep", []):
             try:
                 variant = EngineOptions(**{**settings, **overrides})
-                dtype = pick_dtype(variant.dtype, device) if "dtype" in overrides else model.dtype
+                dtype = resolve_dtypes(variant.dtype, device) if "dtype" in overrides else own
             except Exception as error:  # e.g. fp16 asked for on a CPU
-                result["sweep"].append({**overrides, "error": str(error)})
+                result["sweep"].append({"changed": overrides, "error": str(error)})
                 continue
-            if "dtype" in overrides and dtype == model.dtype:
-                continue  # the default already resolves to this dtype here
+            if "dtype" in overrides and dtype == own:
+                continue  # the default already resolves to these dtypes here
             if dtype not in models:
                 models[dtype] = load_model(variant)
                 protect_image(source, models[dtype], EngineOptions(**{**settings, **overrides, "steps": 1}))
@@ -510,7 +536,7 @@ def mode_job(spec: dict) -> dict:
                     "steps": variant.steps,
                     "samples_per_step": variant.samples_per_step,
                     "step_size": variant.step_size,
-                    "dtype": str(dtype).removeprefix("torch."),
+                    "dtype": _dtype_text(*dtype),
                     "seconds": round(sum(r["wall"] for r in sweep_runs) / len(sweep_runs), 3),
                     **aggregate([evaluate(evaluator, rgb, decode_rgb(r["protected"].data)) for r in sweep_runs]),
                 }
