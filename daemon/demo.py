@@ -36,8 +36,8 @@ PRINT_EVERY_SECONDS = 5.0  # at most, while nothing changes; any change in the c
 
 def run_demo(folder: Path | None, timeout: float) -> int:
     """Run the demo in ``folder`` (kept) or in a temporary folder (removed); 0 if every sample was done."""
-    if folder is not None and folder.exists() and any(folder.iterdir()):
-        print(f"fixative demo: {folder} is not empty; name a new or empty folder", file=sys.stderr)
+    if folder is not None and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        print(f"fixative demo: {folder} is in use (not an empty folder); name a new or empty folder", file=sys.stderr)
         return 2
     root = (folder or Path(tempfile.mkdtemp(prefix="fixative-demo-"))).absolute()
     print(f"=== fixative {BANNER} ===")
@@ -146,7 +146,7 @@ def _make_samples(folder: Path) -> Path:
     alpha = np.clip(400 - np.hypot(yy - 144, xx - 128) * 2.2, 0, 255).astype(np.uint8)
     images = {
         SAMPLES[0]: Image.fromarray(rgb[0, :256, :320]),
-        SAMPLES[1]: Image.fromarray(np.dstack([rgb[1, :288, :256], alpha]), "RGBA"),
+        SAMPLES[1]: Image.fromarray(np.dstack([rgb[1, :288, :256], alpha])),
         SAMPLES[2]: Image.fromarray(rgb[2, :256, :288]),
     }
     for name, image in images.items():

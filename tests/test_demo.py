@@ -117,5 +117,5 @@ def test_demo_refuses_a_folder_that_is_in_use(tmp_path: Path) -> None:
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "precious.png").write_bytes(b"x")
     done = demo(env, "--dir", str(tmp_path / "busy"), timeout=60)
-    assert done.returncode == 2 and "not empty" in done.stderr
+    assert done.returncode == 2 and "in use" in done.stderr
     assert json.dumps(sorted(os.listdir(tmp_path / "busy"))) == '["precious.png"]'
