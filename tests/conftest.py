@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,12 @@ import pytest
 from PIL import Image
 
 TRAINING_STEPS = 300
+
+# One OpenMP thread for the tests and every process they start: the tiny model
+# gains nothing from two, and with the test process and a daemon subprocess
+# sharing two cores, spinning OpenMP threads made tiny steps 10-50x slower.
+# Set before anything imports torch; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _tiny_key() -> str:
