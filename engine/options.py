@@ -36,7 +36,10 @@ class EngineOptions(BaseModel):
         description="A local diffusers folder, a single-file .safetensors checkpoint, "
         "or a Hugging Face id already in the local cache.",
     )
-    mode: Mode = "advdm"
+    # sds, maximising: measured 4.4x faster per step than the reference AdvDM loop
+    # at full SD-1.5 scale on the CPU, with the same AdvDM protection gain on the
+    # tiny trained model (bench/README.md). advdm stays available as the paper's method.
+    mode: Mode = "sds"
     strength: int = Field(8, ge=1, le=32, description="L-infinity budget in 0-255 levels, or a preset name.")
     step_size: float = Field(1.0, gt=0, le=32, description="PGD step in 0-255 levels.")
     steps: int = Field(100, ge=1, le=10_000)
@@ -58,7 +61,7 @@ class EngineOptions(BaseModel):
     )
     target: Path | None = Field(None, description="Target image for mist/encoder; None uses the built-in texture.")
     texture_weight: float = Field(1.0, ge=0, description="mist: weight of the textural term against the semantic one.")
-    sds_direction: Literal["minimize", "maximize"] = "minimize"
+    sds_direction: Literal["minimize", "maximize"] = "maximize"
     format: OutputFormat = "png"
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")
 

@@ -96,7 +96,7 @@ def test_json_mix_of_good_and_bad_files(env: dict[str, str], tmp_path: Path, tin
 
     done = fixative(
         env, "protect", str(good), *(str(path) for path, _ in bad.values()),
-        "-o", str(out), "--model", str(tiny_model), "--strength", "subtle", "--steps", "3", "--seed", "4", "--json",
+        "-o", str(out), "--model", str(tiny_model), "--strength", "subtle", "--steps", "3", "--seed", "4", "--json", "--mode", "advdm",
     )
     assert done.returncode == 1, done.stderr
 

@@ -40,7 +40,7 @@ def test_defaults_live_in_the_home_folder(clean_environment: Path) -> None:
     assert settings.export_dir == home / "Protected"
     assert settings.db_path == home / ".local/state/fixative/jobs.db"
     assert settings.archive_dir == home / "ToProtect-originals"
-    assert settings.after == "keep" and settings.engine.mode == "advdm"
+    assert settings.after == "keep" and settings.engine.mode == "sds"
 
 
 def test_toml_file_then_environment_then_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
