@@ -65,7 +65,10 @@ def protection_figures(model: LoadedModel, original: torch.Tensor, protected: to
     losses = []
     for i in range(2):
         z = mean[i : i + 1] + std[i : i + 1] * noise
-        losses.append(denoiser_residual(model, z, t, eps).square().mean().item())
+        # A few samples at a time: a batch of 16 UNet forwards at 512 px set the
+        # process's peak memory, above that of the attack itself.
+        squares = [denoiser_residual(model, z, t[j : j + 4], eps[j : j + 4]).square() for j in range(0, GAIN_SAMPLES, 4)]
+        losses.append(torch.cat(squares).mean().item())
     return {
         "loss_original": losses[0],
         "loss_protected": losses[1],

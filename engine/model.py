@@ -203,6 +203,7 @@ def load_model(options: EngineOptions) -> LoadedModel:
     # Single-file checkpoints arrive in fp32; folders were loaded in the right dtype already.
     vae = vae.to(device=device, dtype=vae_dtype) if vae.dtype != vae_dtype else vae.to(device)
     unet = unet.to(device=device, dtype=dtype) if unet.dtype != dtype else unet.to(device)
+    vae.decoder = None  # never used: attacks only encode (0.2 GB of fp32 weights)
     vae.eval().requires_grad_(False)
     unet.eval().requires_grad_(False)
     if options.low_vram:
