@@ -36,8 +36,8 @@ class EngineOptions(BaseModel):
         description="A local diffusers folder, a single-file .safetensors checkpoint, "
         "or a Hugging Face id already in the local cache.",
     )
-    # sds, maximising: measured 4.4x faster per step than the reference AdvDM loop
-    # at full SD-1.5 scale on the CPU, with the same AdvDM protection gain on the
+    # sds, maximising: at full SD-1.5 scale on the CPU, 1.8x faster per image than
+    # the reference AdvDM loop (advdm: 1.3x), with the same protection gain on the
     # tiny trained model (bench/README.md). advdm stays available as the paper's method.
     mode: Mode = "sds"
     strength: int = Field(8, ge=1, le=32, description="L-infinity budget in 0-255 levels, or a preset name.")

@@ -9,8 +9,8 @@ latent diffusion.
 
 Directions: maximising (SDS+) ascends the same AdvDM loss as ``advdm`` with
 an approximate gradient; on the tiny trained model it reaches the reference
-AdvDM loop's protection gain (0.97x, within seed noise), and at full scale on
-the CPU a step costs a quarter of the reference's, so SDS+ is fixative's
+AdvDM loop's protection gain (0.97-1.10x, within seed noise), and at full
+scale on the CPU a step costs half the reference's, so SDS+ is fixative's
 default. Minimising (SDS-) is what the paper recommends as stronger and less
 visible against fine-tuning; its effect runs through the encoder and does not
 show in the protection gain (which it lowers), so it is offered, not default.
