@@ -102,6 +102,7 @@ def run_protect(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from daemon.worker import write_atomically
     from engine.errors import EngineError
     from engine.model import load_model
     from engine.protect import protect_file
@@ -125,7 +126,7 @@ def run_protect(args: argparse.Namespace) -> int:
             try:
                 result = protect_file(image, model, options, progress)
                 output = _output_path(image, args.output_dir, result.suffix)
-                output.write_bytes(result.data)
+                write_atomically(output, result.data)  # a full disk leaves no half-written copy
             except (EngineError, OSError) as error:
                 failed += 1
                 if args.json:
