@@ -20,10 +20,6 @@ model ever exists, so the peak memory of a run is the run's own.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from pathlib import Path
-
 import torch
 
 UNET_CONFIG = dict(
@@ -121,92 +117,25 @@ def text_embedding(seed: int = 2) -> torch.Tensor:
     return torch.randn((1, TEXT_TOKENS, TEXT_DIM), generator=torch.Generator().manual_seed(seed))
 
 
-class _Tokens:
-    def __init__(self, count: int):
-        self.input_ids = torch.zeros((1, count), dtype=torch.long)
-
-
-class _FakeTokenizer:
-    model_max_length = TEXT_TOKENS
-
-    def __call__(self, prompt, **_kwargs):
-        return _Tokens(TEXT_TOKENS)
-
-
-class _FakeTextEncoder:
-    """Returns the random embedding, as CLIPTextModel(ids)[0] would return the real one."""
-
-    def __call__(self, ids):
-        return (text_embedding(),)
-
-
-@contextlib.contextmanager
-def _patched(module, name: str, value):
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-def _engine_loader_fits(engine_model) -> bool:
-    """Whether engine.model still has the two seams we swap (so load_model can run on in-memory parts)."""
-    try:
-        parameters = list(inspect.signature(engine_model._load_parts).parameters)
-        inspect.signature(engine_model.resolve_model_folder)
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return parameters == ["folder", "vae_dtype", "unet_dtype"]
-
-
 def load_engine_model(options):
-    """An ``engine.model.LoadedModel`` of SD-1.5's architecture, built in memory as the engine would load it.
+    """An ``engine.model.LoadedModel`` of SD-1.5's architecture, built in memory.
 
-    Preferably through ``engine.model.load_model`` itself, with its two disk-facing
-    seams (``resolve_model_folder`` and ``_load_parts``) swapped for in-memory
-    builders, so whatever the engine does after loading (dtype and device
-    choice, eval mode, and any memory or speed tricks added later) is measured
-    too. If those seams have changed shape, the LoadedModel is assembled
-    directly with the engine's own device and dtype choice. Returns
-    ``(model, how)``.
+    The parts go through ``engine.model.assemble_model``, the same function
+    ``load_model`` hands the parts it reads from disk, so whatever the engine
+    does after loading (device and dtype, freezing, low-VRAM checkpointing) is
+    measured too. The parts are built directly in the dtypes the engine picks,
+    so no fp32 copy of a bf16 model ever exists. Returns ``(model, how)``.
     """
-    import engine.model as engine_model
+    from engine.model import assemble_model, pick_device, pick_dtypes
 
-    if _engine_loader_fits(engine_model):
-
-        def load_parts(folder, vae_dtype, unet_dtype):
-            device = engine_model.pick_device(options.device)
-            return (
-                build_vae(device, vae_dtype),
-                build_unet(device, unet_dtype),
-                _FakeTextEncoder(),
-                _FakeTokenizer(),
-                build_scheduler(),
-            )
-
-        with _patched(engine_model, "resolve_model_folder", lambda _model: Path("<sd15-random-weights>")), _patched(
-            engine_model, "_load_parts", load_parts
-        ):
-            return engine_model.load_model(options), "engine.model.load_model with in-memory SD-1.5 parts"
-
-    from worker import resolve_dtypes
-
-    device = engine_model.pick_device(options.device)
-    vae_dtype, dtype = resolve_dtypes(options.dtype, device)
-    vae, unet = build_vae(device, vae_dtype), build_unet(device, dtype)
-    scheduler = build_scheduler()
-    model = engine_model.LoadedModel(
-        vae=vae,
-        unet=unet,
-        text_embedding=text_embedding().to(device=device, dtype=dtype),
-        alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
-        scaling_factor=float(vae.config.scaling_factor),
-        prediction_type="epsilon",
-        resolution=int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
-        size_multiple=2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1),
-        device=device,
-        dtype=dtype,
+    device = pick_device(options.device)
+    vae_dtype, dtype = pick_dtypes(options.dtype, device)
+    model = assemble_model(
+        build_vae(device, vae_dtype),
+        build_unet(device, dtype),
+        SCHEDULER_CONFIG,
+        text_embedding(),
+        options,
         source="<sd15-random-weights>",
     )
-    return model, "engine.model.LoadedModel assembled directly (load_model's loading seams have changed)"
+    return model, "engine.model.assemble_model with in-memory SD-1.5 parts"

@@ -156,18 +156,6 @@ def source_image(rgb: np.ndarray):
     return SourceImage(**{f.name: values.get(f.name) for f in dataclasses.fields(SourceImage)})
 
 
-def resolve_dtypes(name: str, device):
-    """(VAE dtype, UNet dtype) the engine picks for the ``dtype`` option on ``device``."""
-    import torch
-
-    import engine.model as engine_model
-
-    if hasattr(engine_model, "pick_dtypes"):
-        return tuple(engine_model.pick_dtypes(name, device))
-    unet_dtype = engine_model.pick_dtype(name, device)  # older engines: one dtype, VAE fp32 unless bf16
-    return (torch.bfloat16 if unet_dtype == torch.bfloat16 else torch.float32), unet_dtype
-
-
 def load_evaluator(spec: dict, device_name: str):
     """The tiny model in fp32: one fixed judge of protection gain for the reference and every mode."""
     from engine.model import load_model
@@ -507,7 +495,7 @@ def mode_job(spec: dict) -> dict:
     log(f"{label} {seconds_per_step:.3f} s/step, overhead {overhead:.2f} s, peak {result['peak_bytes'] / 2**30:.2f} GiB")
 
     if spec.get("evaluate"):
-        from engine.model import load_model
+        from engine.model import load_model, pick_dtypes
 
         own = (model.vae.dtype, model.dtype)
         evaluator = model if own == (torch.float32, torch.float32) else load_evaluator(spec, str(device))
@@ -517,7 +505,7 @@ def mode_job(spec: dict) -> dict:
         for overrides in spec.get("sweep", []):
             try:
                 variant = EngineOptions(**{**settings, **overrides})
-                dtype = resolve_dtypes(variant.dtype, device) if "dtype" in overrides else own
+                dtype = pick_dtypes(variant.dtype, device) if "dtype" in overrides else own
             except Exception as error:  # e.g. fp16 asked for on a CPU
                 result["sweep"].append({"changed": overrides, "error": str(error)})
                 continue

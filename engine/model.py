@@ -80,10 +80,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def _cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPUs on which oneDNN runs bf16 convolutions fast."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = CPUINFO.read_text()
     except OSError:  # not Linux: be conservative
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -184,8 +187,7 @@ def _load_single_file(path: Path):
 
 def load_model(options: EngineOptions) -> LoadedModel:
     """Load the VAE, UNet and scheduler, embed ``options.prompt``, and drop the text encoder."""
-    device = pick_device(options.device)
-    vae_dtype, dtype = pick_dtypes(options.dtype, device)
+    vae_dtype, dtype = pick_dtypes(options.dtype, pick_device(options.device))
     path = resolve_model_folder(options.model)
     if path.is_file():
         vae, unet, text_encoder, tokenizer, scheduler = _load_single_file(path)
@@ -199,7 +201,29 @@ def load_model(options: EngineOptions) -> LoadedModel:
         text_embedding = text_encoder(ids)[0]
     del text_encoder, tokenizer
     gc.collect()
+    return assemble_model(vae, unet, dict(scheduler.config), text_embedding, options, source=str(path))
 
+
+def assemble_model(
+    vae: torch.nn.Module,
+    unet: torch.nn.Module,
+    scheduler_config: dict,
+    text_embedding: torch.Tensor,
+    options: EngineOptions,
+    *,
+    source: str,
+) -> LoadedModel:
+    """Turn a VAE, a UNet, a scheduler config and a prompt embedding into the frozen model the attacks use.
+
+    Everything that happens after the parts are read lives here (device and
+    dtypes, freezing, low-VRAM checkpointing, the geometry read off the
+    configs), so that bench/sd15.py, which builds SD-1.5's parts in memory,
+    measures exactly what a loaded model costs.
+    """
+    from diffusers import DDPMScheduler
+
+    device = pick_device(options.device)
+    vae_dtype, dtype = pick_dtypes(options.dtype, device)
     # Single-file checkpoints arrive in fp32; folders were loaded in the right dtype already.
     vae = vae.to(device=device, dtype=vae_dtype) if vae.dtype != vae_dtype else vae.to(device)
     unet = unet.to(device=device, dtype=dtype) if unet.dtype != dtype else unet.to(device)
@@ -211,6 +235,9 @@ def load_model(options: EngineOptions) -> LoadedModel:
         # (Setting the attribute on vae.encoder directly fails in current diffusers.)
         vae.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
+    # Training noise schedule: a single file's pipeline may carry a sampling
+    # scheduler (PNDM), whose config holds the same betas; DDPM reads them the same way.
+    scheduler = DDPMScheduler.from_config(scheduler_config)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_scale = 2 ** (len(unet.config.block_out_channels) - 1)
     return LoadedModel(
@@ -219,12 +246,12 @@ def load_model(options: EngineOptions) -> LoadedModel:
         text_embedding=text_embedding.to(device=device, dtype=dtype),
         alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
         scaling_factor=float(vae.config.scaling_factor),
-        prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
         resolution=int(unet.config.sample_size) * vae_scale,
         size_multiple=vae_scale * unet_scale,
         device=device,
         dtype=dtype,
-        source=str(path),
+        source=source,
     )
 
 

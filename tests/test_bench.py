@@ -35,12 +35,17 @@ def test_bench_trains_the_tiny_model_as_the_tests_do():
     assert _constant(ROOT / "bench" / "run.py", "TRAINING_STEPS") == _constant(ROOT / "tests" / "conftest.py", "TRAINING_STEPS")
 
 
-def test_sd15_configs_are_stable_diffusion_1_5():
+def _import_sd15():
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import sd15
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return sd15
+
+
+def test_sd15_configs_are_stable_diffusion_1_5():
+    sd15 = _import_sd15()
     assert sd15.UNET_CONFIG["block_out_channels"] == (320, 640, 1280, 1280)
     assert sd15.UNET_CONFIG["cross_attention_dim"] == 768
     assert sd15.UNET_CONFIG["attention_head_dim"] == 8
@@ -49,6 +54,23 @@ def test_sd15_configs_are_stable_diffusion_1_5():
     assert sd15.VAE_CONFIG["block_out_channels"] == (128, 256, 512, 512)
     assert sd15.VAE_CONFIG["latent_channels"] == 4
     assert sd15.VAE_CONFIG["sample_size"] == 512
+
+
+@pytest.mark.slow
+def test_full_scale_model_goes_through_the_engine_s_assembly():
+    """No patching of engine.model's private loaders: the bench hands its in-memory parts to assemble_model."""
+    import torch
+
+    import engine.model
+    from engine.options import EngineOptions
+
+    before = dict(vars(engine.model))
+    model, how = _import_sd15().load_engine_model(EngineOptions(device="cpu", dtype="bf16", low_vram=True))
+    assert vars(engine.model) == before
+    assert "assemble_model" in how
+    assert model.vae.decoder is None and model.unet.is_gradient_checkpointing
+    assert (model.resolution, model.size_multiple) == (512, 64)
+    assert model.vae.dtype == model.dtype == torch.bfloat16
 
 
 @pytest.mark.slow
