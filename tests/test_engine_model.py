@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.errors import ModelError, UnsupportedDevice
-from engine.model import LoadedModel, load_model, resolve_model_folder
+from engine.model import LoadedModel, assemble_model, load_model, resolve_model_folder
 from engine.options import EngineOptions
 
 FAKE_REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -182,11 +182,51 @@ def test_bf16_on_cpu_loads_unet_and_vae_in_bf16(tiny_model: Path) -> None:
     assert model.alphas_cumprod.dtype == torch.float32
 
 
-def test_auto_dtype_on_cpu_puts_only_the_vae_in_bf16_where_the_cpu_computes_it_natively(tiny_model: Path) -> None:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
+# Flags lines as /proc/cpuinfo prints them (shortened): an AMD Zen 4 with AVX512-BF16, a Sapphire
+# Rapids with AMX, and an Ice Lake with AVX-512 but no bf16 instructions.
+ZEN4_FLAGS = "flags\t\t: fpu sse sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni vaes\n"
+SAPPHIRE_RAPIDS_FLAGS = "flags\t\t: fpu sse sse2 avx2 avx512f avx512bw amx_bf16 amx_tile amx_int8\n"
+ICE_LAKE_FLAGS = "flags\t\t: fpu sse sse2 avx2 avx512f avx512bw avx512_vnni avx512_vbmi2\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "vae_dtype"),
+    [
+        (ZEN4_FLAGS, torch.bfloat16),
+        (SAPPHIRE_RAPIDS_FLAGS, torch.bfloat16),
+        (ICE_LAKE_FLAGS, torch.float32),
+        (None, torch.float32),  # no /proc/cpuinfo (not Linux): stay in fp32
+    ],
+)
+def test_auto_dtype_on_cpu_puts_only_the_vae_in_bf16_where_the_cpu_computes_it_natively(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpuinfo: str | None, vae_dtype: torch.dtype
+) -> None:
+    import engine.model
+
+    fake = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        fake.write_text("processor\t: 0\n" + cpuinfo)
+    monkeypatch.setattr(engine.model, "CPUINFO", fake)
     model = load_model(options(tiny_model))  # dtype defaults to auto
     assert EngineOptions().dtype == "auto"
     # Measured on such a CPU: the VAE runs 2x faster in bf16, the UNet's backward slower.
-    assert model.vae.dtype == (torch.bfloat16 if native else torch.float32)
+    assert model.vae.dtype == vae_dtype
     assert model.dtype == torch.float32
+
+
+def test_assemble_model_is_the_loader_s_last_step(tiny_model: Path, fp32_model: LoadedModel) -> None:
+    """Parts built elsewhere (bench/sd15.py builds SD-1.5's in memory) become the same model the loader gives."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    config = dict(DDPMScheduler.from_pretrained(tiny_model, subfolder="scheduler").config)
+    model = assemble_model(
+        vae, unet, config, fp32_model.text_embedding, options(tiny_model, dtype="bf16", low_vram=True), source="parts"
+    )
+    assert (model.vae.dtype, model.dtype, model.text_embedding.dtype) == (torch.bfloat16,) * 3
+    assert (model.resolution, model.size_multiple, model.source) == (128, 16, "parts")
+    assert torch.equal(model.alphas_cumprod, fp32_model.alphas_cumprod)
+    assert model.vae.decoder is None
+    assert model.unet.is_gradient_checkpointing and model.vae.encoder.gradient_checkpointing
+    assert not any(p.requires_grad for p in model.unet.parameters())
