@@ -109,7 +109,7 @@ def memory_available() -> int | None:
 
 def reference_ram_estimate(width: int, height: int) -> float:
     """Bytes the fp32 reference needs on a CPU: ~3.8 GB of weights plus ~5.7 GB of activations at 512x512
-    (REFERENCE.md measured a 9.5 GB peak), the activations growing with the pixel count."""
+    (bench/README.md: an 8.8 GiB peak at 512x512), the activations growing with the pixel count."""
     return 3.8e9 + 5.7e9 * (width * height) / 512**2
 
 

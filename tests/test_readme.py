@@ -44,3 +44,12 @@ def test_environment_variables_in_the_readme_name_real_settings() -> None:
         assert top in Settings.model_fields, variable
         if nested:
             assert nested in Settings.model_fields[top].annotation.model_fields, variable
+
+
+def test_sources_cite_only_what_ships_with_them() -> None:
+    """A citation of a notes file that is not in the repository (a REFERENCE notes file was one) sends readers nowhere."""
+    shipped = [path for folder in ("engine", "daemon", "bench", "tests") for path in (ROOT / folder).rglob("*.py")]
+    shipped += [ROOT / "README.md", ROOT / "bench" / "README.md", ROOT / "config.example.toml"]
+    for path in shipped:
+        for cited in re.findall(r"\b([A-Za-z][\w/.-]*\.md)\b", path.read_text()):
+            assert (ROOT / cited).exists() or (path.parent / cited).exists(), f"{path.relative_to(ROOT)} cites {cited}"
