@@ -53,6 +53,10 @@ def test_a_same_size_rewrite_is_caught_by_the_mtime(tmp_path):
     _write(image, b"xyz", 2_000)
 
     assert tracker.ready(now=105) == []
+    # Still tracked, from the new stat: a tracker that dropped changed files
+    # would never queue a file rewritten in place.
+    assert len(tracker) == 1
+    assert tracker.ready(now=110) == [Settled(image, 3, 2_000)]
 
 
 def test_a_file_that_vanishes_is_dropped(tmp_path):

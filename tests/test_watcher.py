@@ -296,8 +296,11 @@ def test_refuses_to_start_when_the_folders_overlap(settings, tmp_path):
 
 def test_refuses_an_inbox_whose_parent_is_missing(settings, tmp_path):
     settings.inbox = tmp_path / "unmounted-share" / "ToProtect"
-    with pytest.raises(WatcherConfigError, match="inbox"):
+    with pytest.raises(WatcherConfigError) as refused:
         run_watcher(settings, threading.Event())
+    # The whole message: "inbox" alone would match any folder error, the overlap checks' included.
+    assert str(refused.value) == f"inbox: cannot use {settings.inbox} as a folder (No such file or directory)"
+    assert not settings.inbox.parent.exists()  # no tree created over an unmounted share's mount point
 
 
 def test_the_watcher_never_imports_torch():
