@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import re
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -198,3 +200,13 @@ def test_two_processes_never_claim_the_same_job(store: JobStore, inbox: Path) ->
     assert all(claimed), "both processes should have won some claims"
     assert sorted(claimed[0] + claimed[1]) == sorted(ids)  # each job exactly once
     assert store.counts()["done"] == 60
+
+
+def test_the_sqlite_utils_floor_is_a_version_the_store_works_with() -> None:
+    # sqlite-utils 3.x's executescript() COMMITs first (sqlite3's own behaviour), so with
+    # 3.38 a fresh JobStore() failed: "cannot commit - no transaction is active". 4.0 and
+    # 4.2.1 pass this file; pip must not be allowed to pick a 3.x.
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    floor = next(re.fullmatch(r"sqlite-utils>=(\d+)\.(\d+).*", d) for d in pyproject["project"]["dependencies"]
+                 if d.startswith("sqlite-utils"))
+    assert floor is not None and int(floor.group(1)) >= 4
