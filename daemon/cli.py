@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from daemon import protect_command
+    from daemon import check_command, protect_command
 
     protect_command.add_parsers(commands)
+    check_command.add_parser(commands)
 
     p = commands.add_parser("watch", help="watch the inbox and queue finished images (no GPU needed)")
     p.set_defaults(run=_watch)

@@ -14,7 +14,9 @@ unpickling runs arbitrary code, and model files are passed around by strangers.
 Diffusers folders are loaded with ``use_safetensors=True`` for the same reason.
 
 The text encoder is used once, to embed the prompt, and then dropped: it would
-otherwise hold ~0.5 GB for nothing.
+otherwise hold ~0.5 GB for nothing. ``fixative check`` generates images, so it
+asks for ``generation=True``, which keeps the text encoder (behind
+``LoadedModel.embed``), the VAE decoder and the scheduler's config.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -59,6 +62,9 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype  # the UNet's dtype; the VAE's is vae.dtype (see pick_dtypes)
     source: str
+    # Only with load_model(..., generation=True); the VAE then keeps its decoder too.
+    embed: Callable[[str], torch.Tensor] | None = None  # prompt -> (1, tokens, dim), on the device, in the UNet's dtype
+    scheduler_config: dict | None = None
 
     @property
     def num_train_timesteps(self) -> int:
@@ -185,8 +191,12 @@ def _load_single_file(path: Path):
     return pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
 
 
-def load_model(options: EngineOptions) -> LoadedModel:
-    """Load the VAE, UNet and scheduler, embed ``options.prompt``, and drop the text encoder."""
+def load_model(options: EngineOptions, generation: bool = False) -> LoadedModel:
+    """Load the VAE, UNet and scheduler, embed ``options.prompt``, and drop the text encoder.
+
+    ``generation`` keeps what sampling images needs (``fixative check``): the
+    text encoder (on the CPU) behind ``embed``, the VAE decoder and the scheduler's config.
+    """
     vae_dtype, dtype = pick_dtypes(options.dtype, pick_device(options.device))
     path = resolve_model_folder(options.model)
     if path.is_file():
@@ -199,9 +209,28 @@ def load_model(options: EngineOptions) -> LoadedModel:
     ).input_ids
     with torch.no_grad():
         text_embedding = text_encoder(ids)[0]
-    del text_encoder, tokenizer
-    gc.collect()
-    return assemble_model(vae, unet, dict(scheduler.config), text_embedding, options, source=str(path))
+    decoder = vae.decoder
+    model = assemble_model(vae, unet, dict(scheduler.config), text_embedding, options, source=str(path))
+    if not generation:
+        del text_encoder, tokenizer, decoder
+        gc.collect()
+        return model
+    # assemble_model moved the whole VAE, this decoder included, before it dropped it.
+    model.vae.decoder = decoder
+    model.embed = _embedder(tokenizer, text_encoder, model.device, model.dtype)
+    model.scheduler_config = dict(scheduler.config)
+    return model
+
+
+def _embedder(tokenizer, text_encoder, device: torch.device, dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
+    @torch.no_grad()
+    def embed(prompt: str) -> torch.Tensor:
+        ids = tokenizer(
+            prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return text_encoder(ids)[0].to(device=device, dtype=dtype)
+
+    return embed
 
 
 def assemble_model(

@@ -1,0 +1,135 @@
+"""``fixative check``: a mimic's LoRA on the originals and on the protected copies, on the tiny model.
+
+One real subprocess runs the whole check (copies made on the fly, a served
+JPEG variant, contact sheet, JSON). The engine-level test checks that the
+fine-tuning really trains and leaves the base model as it found it. The bad
+inputs fail before any training, in-process through the real CLI entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import painting
+from daemon.check_command import LABEL_WIDTH, TILE
+from daemon.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def originals(folder: Path, count: int = 5) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        width = 320 if i == 0 else 256  # one landscape work, so the random crops have room to move
+        Image.fromarray(painting(256, width, seed=40 + i)).save(folder / f"work{i}.png")
+    return folder
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_model: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[engine]\nmodel = "{tiny_model}"\ndevice = "cpu"\nsteps = 10\n')
+    return path
+
+
+def test_check_end_to_end(tmp_path: Path, config: Path):
+    folder = originals(tmp_path / "works")
+    out = tmp_path / "out"
+    env = {**os.environ, "FIXATIVE_CONFIG": str(config), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "check", str(folder), "--steps", "30", "--after", "jpeg75",
+         "--guidance", "1", "-o", str(out)],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "runs on the CPU, which is slow" in done.stderr and "(an estimate)" in done.stderr
+    assert "LoRA on protected+jpeg75" in done.stdout and "learned" in done.stdout
+
+    report = json.loads((out / "check.json").read_text())
+    assert report["originals"] == 5 and report["held_out"] == [4]
+    assert set(report["loras"]) == {"clean", "protected", "protected+jpeg75"}
+    for figures in [report["base"], *report["loras"].values()]:
+        assert figures["loss_trained_originals"] > 0 and figures["loss_held_out_originals"] > 0
+        assert 0 <= figures["colour_distance"] <= 1 and figures["latent_gram_distance"] > 0
+    assert report["loras"]["protected"]["ratio"]["loss_held_out_originals"] > 0
+    # The copies made on the fly are kept, and are protected copies of the originals.
+    copies = sorted((out / "protected").iterdir())
+    assert [p.name for p in copies] == [f"work{i}.png" for i in range(5)]
+    delta = np.abs(np.array(Image.open(copies[1])).astype(int) - np.array(Image.open(folder / "work1.png")).astype(int))
+    assert 0 < delta.max() <= 8
+
+    rows = report["contact_sheet"]["rows"]
+    assert rows == ["originals", "LoRA: clean", "LoRA: protected", "LoRA: protected+jpeg75"]
+    with Image.open(out / "contact-sheet.png") as sheet:
+        assert sheet.size == (LABEL_WIDTH + 4 * TILE, len(rows) * TILE)
+        tiles = np.array(sheet.convert("RGB"))
+    for r in range(len(rows)):
+        for c in range(4):
+            tile = tiles[r * TILE : (r + 1) * TILE, LABEL_WIDTH + c * TILE : LABEL_WIDTH + (c + 1) * TILE]
+            assert tile.std() > 5, f"tile {r},{c} is blank"
+
+
+def test_the_clean_lora_learns_and_leaves_the_base_model_untouched(tiny_model: Path):
+    from engine import mimicry
+    from engine.model import load_model
+    from engine.options import EngineOptions
+
+    model = mimicry.with_prompt(load_model(EngineOptions(model=str(tiny_model), device="cpu"), generation=True), "a painting in the style of sks")
+    works = [painting(256, 256, seed=40 + i) for i in range(4)]
+    latents = mimicry.Originals.prepare(model, works).latents
+    before = mimicry.denoising_losses(model, latents)
+    with mimicry.fine_tuned(model, works, steps=30, seed=0):
+        during = mimicry.denoising_losses(model, latents)
+    after = mimicry.denoising_losses(model, latents)
+    assert np.mean(during) < np.mean(before)  # it trains on these very works
+    assert after == before  # the adapter is gone: the next LoRA starts from the same base
+
+
+def check(tmp_path: Path, config: Path, *argv: str) -> int:
+    return main(["--config", str(config), "check", *argv, "-o", str(tmp_path / "out")])
+
+
+def test_an_empty_folder_is_refused(tmp_path: Path, config: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    assert check(tmp_path, config, str(tmp_path / "empty")) == 1
+    assert "no images in" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_protected_copies_must_match_their_originals(tmp_path: Path, config: Path, capsys):
+    folder = originals(tmp_path / "works", count=2)
+    protected = tmp_path / "protected"
+    protected.mkdir()
+    near = np.array(Image.open(folder / "work0.png")).astype(int) + 4
+    Image.fromarray(near.clip(0, 255).astype(np.uint8)).save(protected / "work0.protected.png")
+
+    def refusal() -> str:
+        assert check(tmp_path, config, str(folder), "--protected", str(protected)) == 1
+        return capsys.readouterr().err
+
+    assert "no protected copy of work1.png" in refusal()
+    Image.fromarray(painting(256, 256, seed=99)).save(protected / "work1.png")  # another picture
+    err = refusal()
+    assert "work1.png differs from" in err and "not its protected copy" in err
+    Image.fromarray(painting(256, 320, seed=41)).save(protected / "work1.png")
+    assert "is 320x256, but its original" in refusal()
+    Image.open(folder / "work1.png").save(protected / "work1.png")
+    assert "work1.png is identical to" in refusal()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_checkpoint_is_refused(tmp_path: Path, config: Path, capsys):
+    folder = originals(tmp_path / "works", count=1)
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    assert check(tmp_path, config, str(folder), "--model", str(pickle)) == 1
+    assert "pickles" in capsys.readouterr().err
