@@ -202,7 +202,11 @@ def _train(
 
 def with_prompt(model: LoadedModel, prompt: str) -> LoadedModel:
     """The same model, conditioned on ``prompt`` (needs ``load_model(..., generation=True)``)."""
-    return dataclasses.replace(model, text_embedding=model.embed(prompt))
+    return dataclasses.replace(model, text_embedding=_embedding(model, prompt))
+
+
+def _embedding(model: LoadedModel, prompt: str) -> torch.Tensor:
+    return model.embed(prompt).to(device=model.device, dtype=model.dtype)
 
 
 @dataclass
@@ -249,7 +253,7 @@ def generate(model: LoadedModel, guidance: float, progress: Progress | None = No
     scheduler.set_timesteps(SAMPLE_STEPS)
     side = model.resolution // (2 ** (len(model.vae.config.block_out_channels) - 1))
     shape = (1, model.unet.config.in_channels, side, side)
-    context = torch.cat([model.embed(""), model.text_embedding])
+    context = torch.cat([_embedding(model, ""), model.text_embedding])
     latents, pixels = [], []
     for i in range(SAMPLE_COUNT):
         generator = torch.Generator().manual_seed(SAMPLE_SEED + i)

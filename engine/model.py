@@ -63,7 +63,7 @@ class LoadedModel:
     dtype: torch.dtype  # the UNet's dtype; the VAE's is vae.dtype (see pick_dtypes)
     source: str
     # Only with load_model(..., generation=True); the VAE then keeps its decoder too.
-    embed: Callable[[str], torch.Tensor] | None = None  # prompt -> (1, tokens, dim), on the device, in the UNet's dtype
+    embed: Callable[[str], torch.Tensor] | None = None  # prompt -> (1, tokens, dim), fp32, on the CPU
     scheduler_config: dict | None = None
 
     @property
@@ -204,31 +204,27 @@ def load_model(options: EngineOptions, generation: bool = False) -> LoadedModel:
     else:
         vae, unet, text_encoder, tokenizer, scheduler = _load_parts(path, vae_dtype, dtype)
 
-    ids = tokenizer(
-        options.prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    with torch.no_grad():
-        text_embedding = text_encoder(ids)[0]
+    embed = _embedder(tokenizer, text_encoder)
     decoder = vae.decoder
-    model = assemble_model(vae, unet, dict(scheduler.config), text_embedding, options, source=str(path))
+    model = assemble_model(vae, unet, dict(scheduler.config), embed(options.prompt), options, source=str(path))
     if not generation:
-        del text_encoder, tokenizer, decoder
+        del text_encoder, tokenizer, embed, decoder
         gc.collect()
         return model
     # assemble_model moved the whole VAE, this decoder included, before it dropped it.
     model.vae.decoder = decoder
-    model.embed = _embedder(tokenizer, text_encoder, model.device, model.dtype)
+    model.embed = embed
     model.scheduler_config = dict(scheduler.config)
     return model
 
 
-def _embedder(tokenizer, text_encoder, device: torch.device, dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
+def _embedder(tokenizer, text_encoder) -> Callable[[str], torch.Tensor]:
     @torch.no_grad()
     def embed(prompt: str) -> torch.Tensor:
         ids = tokenizer(
             prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
-        return text_encoder(ids)[0].to(device=device, dtype=dtype)
+        return text_encoder(ids)[0]
 
     return embed
 
