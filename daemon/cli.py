@@ -4,7 +4,9 @@ Commands import their heavy parts lazily, so ``fixative status`` and
 ``fixative watch`` never import torch (tests/test_status_cli.py checks it).
 
 Exit codes: 0 fine, 1 something failed, 3 the daemon is down (``status``),
-78 (EX_CONFIG) the configuration is invalid, so systemd does not restart in a loop.
+75 another daemon holds the state folder (``run``, ``watch``, ``engine``; see
+``daemon.lock``), 78 (EX_CONFIG) the configuration is invalid. The unit does not
+restart on 75 or 78: restarting cannot help either.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from daemon.inbox_filter import WatcherConfigError, ignore_reason
+from daemon.lock import EXIT_ALREADY_RUNNING, AlreadyRunning, hold
 from daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
 from daemon.store import STATES, JobStore
 
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_watch)
 
     p = commands.add_parser("engine", help="protect queued images with the GPU (one process per machine)")
+    # How `fixative run` hands its state-folder lock to its engine child (daemon.lock).
+    p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(run=_engine)
 
     p = commands.add_parser("run", help="the daemon: watcher + engine, as the systemd unit starts it")
@@ -93,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in getattr(error, "lines", [str(error)]):
             print(f"fixative: config: {line}", file=sys.stderr)
         return EX_CONFIG
+    except AlreadyRunning as error:
+        print(f"fixative: {error}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -117,7 +125,8 @@ def _watch(args: argparse.Namespace) -> int:
     from daemon.watcher import run_watcher
 
     configure_logging(args.verbose)
-    return run_watcher(settings, _stop_event())
+    with hold(settings.state_dir, "watch"):
+        return run_watcher(settings, _stop_event())
 
 
 def _engine(args: argparse.Namespace) -> int:
@@ -126,7 +135,8 @@ def _engine(args: argparse.Namespace) -> int:
     from daemon.worker import run_engine
 
     configure_logging(args.verbose)
-    return run_engine(settings, _stop_event())
+    with hold(settings.state_dir, "engine", inherited_fd=args.lock_fd):
+        return run_engine(settings, _stop_event())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -141,7 +151,9 @@ def _run(args: argparse.Namespace) -> int:
         engine_command += ["--config", str(args.config.absolute())]
     if args.verbose:
         engine_command.append("--verbose")
-    return run_daemon(settings, _stop_event(), engine_command + ["engine"])
+    with hold(settings.state_dir, "run") as lock_fd:
+        return run_daemon(settings, _stop_event(), engine_command + ["engine", "--lock-fd", str(lock_fd)],
+                          pass_fds=(lock_fd,))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -81,12 +81,16 @@ class _WatcherThread(threading.Thread):
             self.exit_code = 1
 
 
-def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[str]) -> int:
-    """Supervise until ``stop`` is set or the watcher dies; returns the exit status."""
+def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[str],
+               pass_fds: tuple[int, ...] = ()) -> int:
+    """Supervise until ``stop`` is set or the watcher dies; returns the exit status.
+
+    ``pass_fds``: descriptors the engine child inherits (the state folder's lock).
+    """
     store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
     watcher = _WatcherThread(settings)
     watcher.start()
-    engine = _Engine(engine_command)
+    engine = _Engine(engine_command, pass_fds)
     ready = False
     last_status = ""
     ping_every = watchdog_interval()
@@ -126,8 +130,8 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
 class _Engine:
     """The engine child process, restarted with a backoff when it dies."""
 
-    def __init__(self, command: list[str]):
-        self.command = command
+    def __init__(self, command: list[str], pass_fds: tuple[int, ...] = ()):
+        self.command, self.pass_fds = command, pass_fds
         # The child must not notify systemd itself (NotifyAccess=main would
         # reject it and log a warning on every message).
         self.env = {k: v for k, v in os.environ.items()
@@ -136,7 +140,8 @@ class _Engine:
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, env=self.env, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(self.command, env=self.env, preexec_fn=_die_with_parent,
+                                        pass_fds=self.pass_fds)
         self.started = time.monotonic()
         log.info("run.engine_started", pid=self.process.pid)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.lock import EXIT_ALREADY_RUNNING
 from daemon.settings import EX_CONFIG
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "fixative.service"
@@ -22,7 +23,7 @@ def test_unit_agrees_with_the_code() -> None:
     service = unit["Service"]
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
     assert service["ExecStart"] == "%h/.local/bin/fixative run"
-    assert service["RestartPreventExitStatus"] == str(EX_CONFIG)
+    assert set(service["RestartPreventExitStatus"].split()) == {str(EX_CONFIG), str(EXIT_ALREADY_RUNNING)}
     assert service["Restart"] == "on-failure"
     for hiding in ("ProtectHome", "PrivateDevices", "DevicePolicy", "ProtectSystem"):
         assert hiding not in service  # the GPU (/dev/nvidia*) and the home folder must stay visible
