@@ -113,3 +113,19 @@ def test_tiny_bench_runs_and_reports_every_mode(tmp_path: Path, tiny_model: Path
     default_mode = report["engine_defaults"]["mode"]
     assert row[default_mode]["sweep"], "the default mode gets a settings sweep"
     assert all(entry["gain_ratio"] > 0 for entry in row[default_mode]["sweep"])
+
+
+@pytest.mark.slow
+def test_mimicry_table_runs_with_the_noise_control_and_jpeg(tmp_path: Path, tiny_model: Path):
+    figures = tmp_path / "mimicry.json"
+    done = subprocess.run(
+        [sys.executable, "bench/mimicry.py", "--seeds", "2", "--steps", "10", "--originals", "5", "--modes", "encoder",
+         "--json", str(figures)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    table = json.loads(figures.read_text())["table"]
+    assert set(table) == {"clean", "encoder", "noise ±8", "clean+jpeg75", "encoder+jpeg75", "noise ±8+jpeg75"}
+    mean, se = table["encoder"]["loss ratio, held out"]
+    assert mean > 0 and se is not None  # two seeds: a standard error
+    assert "| noise ±8+jpeg75 |" in done.stdout

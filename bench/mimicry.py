@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""The mimicry table: does a mimic's LoRA learn the style less from protected copies than from clean ones?
+
+    python bench/mimicry.py [--seeds 3] [--steps 200] [--originals 10] [--modes advdm,mist,sds,encoder]
+                            [--after jpeg75] [--json FILE] [--threads 1]
+
+On the tests' tiny trained model, for each seed: a set of "style" images is
+drawn, protected by every mode at the engine's defaults, and, as a control,
+perturbed by random noise of the same budget (every pixel and channel moved by
+plus or minus ``strength`` levels, the L-infinity corner that PGD's sign steps
+mostly end on). Then one LoRA is trained on each training set, and on each
+after a platform's pipeline (``engine.publishing``, JPEG q75 by default), and
+every LoRA is judged against the originals by ``engine.mimicry.mimicry_check``,
+the function ``fixative check`` runs. The table gives each figure divided by
+the clean LoRA's, mean and standard error over seeds. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import get_args
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
+
+import numpy as np  # noqa: E402
+
+from engine.options import EngineOptions, Mode  # noqa: E402
+
+STYLE_SIZE = 128  # the tiny model's training side: its 512
+FIGURES = {  # column title -> (group, key) in a LoRA's figures
+    "learned, trained": ("learned", "loss_trained_originals"),
+    "learned, held out": ("learned", "loss_held_out_originals"),
+    "loss ratio, held out": ("ratio", "loss_held_out_originals"),
+    "colour dist ratio": ("ratio", "colour_distance"),
+    "latent Gram ratio": ("ratio", "latent_gram_distance"),
+}
+
+
+def style_images(count: int, seed: int) -> list[np.ndarray]:
+    """The "artist's" works: a family of synthetic images, uint8 HxWx3 at the tiny model's side."""
+    from engine.tiny import synthetic_paintings
+
+    images = synthetic_paintings(count, STYLE_SIZE, seed=10_000 + seed)
+    return [((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8) for x in images]
+
+
+def noise_copy(rgb: np.ndarray, strength: int, rng: np.random.Generator) -> np.ndarray:
+    """Random noise of the same L-infinity budget: every value moved by +strength or -strength."""
+    signs = rng.choice(np.array([-1, 1]), size=rgb.shape)
+    return (rgb.astype(np.int16) + strength * signs).clip(0, 255).astype(np.uint8)
+
+
+def protected_copies(model, images: list[np.ndarray], mode: str, seed: int) -> list[np.ndarray]:
+    from worker import decode_rgb, source_image
+
+    from engine.protect import protect_image
+
+    options = EngineOptions(mode=mode, model=model.source, seed=seed, device="cpu")
+    return [decode_rgb(protect_image(source_image(rgb), model, options).data) for rgb in images]
+
+
+def one_seed(model, seed: int, originals: int, modes: list[str], after: list[str], steps: int) -> dict:
+    from engine import mimicry
+    from engine.publishing import serve
+
+    images = style_images(originals, seed)
+    strength = EngineOptions().strength
+    sets = {"clean": images}
+    for mode in modes:
+        started = time.perf_counter()
+        sets[mode] = protected_copies(model, images, mode, seed)
+        log(f"seed {seed}: protected {len(images)} images with {mode} in {time.perf_counter() - started:.0f} s")
+    sets[f"noise ±{strength}"] = [noise_copy(rgb, strength, np.random.default_rng([seed, i])) for i, rgb in enumerate(images)]
+    for pipeline in after:
+        sets.update({f"{name}+{pipeline}": [serve(rgb, pipeline) for rgb in copies] for name, copies in list(sets.items()) if "+" not in name})
+    started = time.perf_counter()
+    # The tiny model never saw the empty prompt, so guidance would extrapolate to nowhere (see mimicry.generate).
+    report, _ = mimicry.mimicry_check(mimicry.with_prompt(model, mimicry.DEFAULT_PROMPT), images, sets, steps, seed, guidance=1.0)
+    log(f"seed {seed}: {len(sets)} LoRAs of {steps} steps trained and judged in {time.perf_counter() - started:.0f} s")
+    return report
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    mean = float(np.mean(values))
+    return mean, float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
+def summarise(reports: list[dict]) -> dict[str, dict[str, tuple[float, float | None]]]:
+    """{training set: {column: (mean, standard error)}} over seeds."""
+    table = {}
+    for name in reports[0]["loras"]:
+        row = {}
+        for column, (group, key) in FIGURES.items():
+            values = [r["loras"][name][group].get(key) for r in reports]
+            if None not in values:
+                row[column] = mean_se(values)
+        table[name] = row
+    return table
+
+
+def print_table(table: dict, reports: list[dict]) -> None:
+    columns = list(FIGURES)
+    print("| LoRA trained on | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, row in table.items():
+        cells = []
+        for column in columns:
+            if column not in row:
+                cells.append("-")
+                continue
+            mean, se = row[column]
+            percent = column.startswith("learned")
+            scale, unit = (100, "%") if percent else (1, "")
+            text = f"{scale * mean:.0f}{unit}" if percent else f"{mean:.3f}"
+            if se is not None:
+                text += f" ± {scale * se:.0f}{unit}" if percent else f" ± {se:.3f}"
+            cells.append(text)
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    base = [r["base"]["loss_trained_originals"] for r in reports]
+    clean = [r["loras"]["clean"]["loss_trained_originals"] for r in reports]
+    drop = [100 * (b - c) / b for b, c in zip(base, clean)]
+    print(f"\nthe clean LoRA lowered the loss on its training works by {np.mean(drop):.1f}% "
+          f"(per seed: {', '.join(f'{d:.1f}%' for d in drop)}) against the base model")
+
+
+def log(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds: images, PGD, noise and LoRA (default 3)")
+    parser.add_argument("--steps", type=int, default=200, help="LoRA training steps (default 200)")
+    parser.add_argument("--originals", type=int, default=10, help="style images per seed; one in five held out (default 10)")
+    parser.add_argument("--modes", default=",".join(get_args(Mode)), help="protection modes, comma-separated")
+    parser.add_argument("--after", default="jpeg75", help="serving pipelines, comma-separated ('' for none)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny steps gain nothing from more)")
+    parser.add_argument("--json", type=Path, help="write every seed's full report here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from run import machine_info, tiny_model
+
+    torch.set_num_threads(args.threads)
+    from engine.model import load_model
+
+    folder, _ = tiny_model(args.threads)
+    model = load_model(EngineOptions(model=str(folder), device="cpu"), generation=True)
+    modes = [m for m in args.modes.split(",") if m]
+    after = [p for p in args.after.split(",") if p]
+    started = time.perf_counter()
+    reports = [one_seed(model, seed, args.originals, modes, after, args.steps) for seed in range(args.seeds)]
+    table = summarise(reports)
+    print(f"mimicry, tiny model: {args.originals} originals, {args.steps} LoRA steps, {args.seeds} seeds; "
+          f"ratios against the clean LoRA, mean ± standard error over seeds")
+    print_table(table, reports)
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"machine": machine_info(), "seconds": round(time.perf_counter() - started), "args": vars(args) | {"json": str(args.json)},
+             "table": table, "reports": reports},
+            indent=2, default=str,
+        ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
