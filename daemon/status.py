@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from daemon.settings import Settings
+from daemon.state_disk import free_bytes, looks_full
 from daemon.store import STATES, Job, JobStore
 
 # Both processes beat at least every 10 s (watcher 5 s, engine worker.heartbeat_seconds),
@@ -31,6 +32,9 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
     now = time.time()
     report: dict[str, Any] = {
         "up": False,
+        # Why it is not up, when that is not a dead process: the daemon waits out a full
+        # state disk without a heartbeat to record it in (daemon.state_disk).
+        "waiting": None,
         "database": str(settings.db_path),
         "processes": {name: {"alive": False, "stalled": False, "pid": None, "status": "never started",
                              "age_seconds": None, "progress_age_seconds": None}
@@ -47,7 +51,12 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
     try:
         for name, beat in store.processes().items():
             report["processes"][name] = {"alive": is_alive(beat), "stalled": is_stalled(beat), **beat}
-        report["up"] = all(p["alive"] and not p["stalled"] for p in report["processes"].values())
+        if looks_full(settings.state_dir):
+            report["waiting"] = (f"the state folder's disk is full ({settings.state_dir}: "
+                                 f"{free_bytes(settings.state_dir) // 1024} KiB free); "
+                                 "nothing can be queued or recorded until there is space, then it resumes by itself")
+        report["up"] = report["waiting"] is None and all(p["alive"] and not p["stalled"]
+                                                          for p in report["processes"].values())
         report["counts"] = store.counts()
         running = store.running()
         report["running"] = _running(running, now) if running else None
@@ -103,9 +112,9 @@ def _running(job: Job, now: float) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     """The report for a person at a terminal."""
     processes = report["processes"]
+    verdict = "up" if report["up"] else f"WAITING ({report['waiting']})" if report["waiting"] else "DOWN"
     lines = [
-        f"fixative is {'up' if report['up'] else 'DOWN'}: "
-        + ", ".join(f"{name} {_process(processes[name])}" for name in PROCESSES),
+        f"fixative is {verdict}: " + ", ".join(f"{name} {_process(processes[name])}" for name in PROCESSES),
         " · ".join(f"{state} {report['counts'][state]}" for state in STATES),
     ]
     running = report["running"]

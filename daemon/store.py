@@ -40,6 +40,18 @@ from sqlite_utils import Database
 
 STATES = ("queued", "running", "done", "failed", "skipped")
 
+
+class StateDiskFull(Exception):
+    """The job table cannot be written: the state folder's disk (or quota) is full.
+
+    Not the image's fault and not a crash: the watcher and the engine wait and
+    try again (``daemon.state_disk``), and nothing is lost meanwhile.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        super().__init__(f"the state folder's disk is full ({folder}): waiting for space")
+
 # Each entry upgrades the schema by one version; PRAGMA user_version records how
 # many have run. Append, never edit: databases in the field have run the old ones.
 MIGRATIONS = [
@@ -113,6 +125,12 @@ class Job:
         return cls(**{**row, "metrics": json.loads(row["metrics"]) if row["metrics"] else {}})
 
 
+def _disk_full(error: BaseException) -> bool:
+    # SQLITE_FULL; sqlite_errorcode exists from Python 3.11, the message in every version.
+    return isinstance(error, sqlite3.OperationalError) and (
+        getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(error))
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -150,10 +168,14 @@ class JobStore:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
-            except BaseException:
+                self.db.execute("COMMIT")
+            except BaseException as error:
+                # Also after a failed COMMIT: on a full disk it leaves the
+                # transaction open, holding the write lock against every other process.
                 self.db.rollback()
+                if _disk_full(error):
+                    raise StateDiskFull(self.path.parent) from error
                 raise
-            self.db.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self._write():  # two processes starting together must not both migrate

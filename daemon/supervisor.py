@@ -30,6 +30,7 @@ import structlog
 from daemon.inbox_filter import WatcherConfigError
 from daemon.notify import notify, watchdog_interval
 from daemon.settings import EX_CONFIG, Settings
+from daemon.state_disk import looks_full
 from daemon.status import is_alive, is_healthy
 from daemon.store import JobStore
 from daemon.worker import LOADING_STATUS
@@ -45,6 +46,7 @@ HEALTHY_RUN_SECONDS = 600.0
 # Waiting for the engine to finish or release its job on stop; the unit's
 # TimeoutStopSec (180 s) SIGKILLs everything shortly after.
 ENGINE_STOP_SECONDS = 170.0
+STATE_DISK_FULL_STATUS = "waiting: the state folder's disk is full; resumes by itself once there is space"
 
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -106,14 +108,21 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
             beats = store.processes()
             engine_beat = beats.get("engine")
             engine_fresh = is_alive(engine_beat) and engine_beat["pid"] == engine.pid
-            if engine_fresh:
+            # A full state disk stops every heartbeat while both loops wait for space
+            # (daemon.state_disk): say so, and keep systemd's watchdog from restarting
+            # a daemon that is waiting, not hung.
+            disk_full = code is None and looks_full(settings.state_dir)
+            if disk_full and last_status != STATE_DISK_FULL_STATUS:
+                last_status = STATE_DISK_FULL_STATUS
+                notify(f"STATUS={last_status}")
+            elif engine_fresh and not disk_full:
                 if not ready and not engine_beat["status"].startswith(LOADING_STATUS):
                     notify("READY=1")
                     ready = True
                 if engine_beat["status"] != last_status:
                     last_status = engine_beat["status"]
                     notify(f"STATUS={last_status}")
-            healthy = engine_fresh and is_healthy(engine_beat) and is_healthy(beats.get("watcher"))
+            healthy = disk_full or (engine_fresh and is_healthy(engine_beat) and is_healthy(beats.get("watcher")))
             if ping_every and healthy and time.monotonic() >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every

@@ -38,7 +38,8 @@ from watchdog.observers.polling import PollingObserver
 from daemon.inbox_filter import WatcherConfigError, check_folders, ignore_reason, refusal_reason, skip_folder
 from daemon.settings import Settings
 from daemon.stability import Settled, StabilityTracker
-from daemon.store import JobStore
+from daemon.state_disk import RETRY_SECONDS, Pause
+from daemon.store import JobStore, StateDiskFull
 
 __all__ = ["EXIT_OBSERVER_DIED", "WatcherConfigError", "run_watcher"]
 
@@ -106,6 +107,7 @@ class _Watcher:
         self.handled: dict[Path, tuple[int, int]] = {}
         self.recorded = 0  # files written to the job table since start, refusals included
         self.refused = 0
+        self.disk = Pause("watcher")
 
     def run(self, observer: BaseObserver, stop: threading.Event) -> int:
         next_scan = next_beat = 0.0
@@ -115,16 +117,25 @@ class _Watcher:
                 log.error("watcher.observer_died", hint="exiting so that systemd restarts the watcher")
                 return EXIT_OBSERVER_DIED
             now = time.monotonic()
-            if now >= next_scan:
-                self.scan(self.inbox, now)
-                next_scan = now + self.rescan_seconds
-            self.drain_events(now)
-            for settled in self.tracker.ready(now):
-                self.admit(settled)
-            status = self.status_text()
-            if now >= next_beat or status != last_status:
-                self.store.beat("watcher", status)
-                next_beat, last_status = now + HEARTBEAT_SECONDS, status
+            try:
+                if now >= next_scan:
+                    self.scan(self.inbox, now)
+                    next_scan = now + self.rescan_seconds
+                self.drain_events(now)
+                for settled in self.tracker.ready(now):
+                    self.admit(settled)
+                status = self.status_text()
+                if now >= next_beat or status != last_status:
+                    self.store.beat("watcher", status)
+                    next_beat, last_status = now + HEARTBEAT_SECONDS, status
+            except StateDiskFull as error:
+                self.disk.full(error)
+                # Files that settled meanwhile were not queued (nor marked handled):
+                # rescan once writes work again rather than wait for the next rescan.
+                next_scan = next_beat = 0.0
+                stop.wait(RETRY_SECONDS)
+                continue
+            self.disk.written()
             stop.wait(self.tick_seconds)
         return 0
 
@@ -189,6 +200,8 @@ class _Watcher:
             self.recorded += 1
         except FileNotFoundError:
             return  # removed or renamed between settling and now; its new name has its own event
+        except StateDiskFull:
+            raise  # not this file's fault: the main loop waits for space, then rescans
         except Exception as error:
             # Not marked handled, so the next rescan tries again (a locked
             # database, a file we may not read yet).

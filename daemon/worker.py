@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -41,8 +42,9 @@ import structlog
 
 from daemon.notify import notify, watchdog_interval
 from daemon.settings import EX_CONFIG, Settings
+from daemon.state_disk import RETRY_SECONDS, Pause
 from daemon.status import STALLED_AFTER_SECONDS
-from daemon.store import Job, JobStore, file_sha256
+from daemon.store import Job, JobStore, StateDiskFull, file_sha256
 
 log = structlog.get_logger()
 
@@ -89,6 +91,7 @@ class _Pulse(threading.Thread):
         self.lost = threading.Event()  # our job was taken from us: abandon it
         self.wake = threading.Event()
         self.quit = threading.Event()
+        self.disk = Pause("engine")
 
     def progressed(self, status: str | None = None) -> None:
         self.last_progress = time.time()
@@ -108,7 +111,10 @@ class _Pulse(threading.Thread):
         while not self.quit.is_set():
             try:
                 self.pulse()
-            except Exception:  # a locked or full database must not silently end the heartbeats
+                self.disk.written()
+            except StateDiskFull as error:  # the lease cannot be renewed, but only this engine claims
+                self.disk.full(error)
+            except Exception:  # a locked database must not silently end the heartbeats
                 log.exception("engine.pulse_failed")
             self.wake.wait(self.interval)
             self.wake.clear()
@@ -161,23 +167,31 @@ class Engine:
             self.pulse.progressed("idle")
             notify("READY=1", "STATUS=idle")
             while not self.stop.is_set():
-                job = self.store.claim(self.owner, self.settings.worker.lease_seconds)
-                if job is None:
-                    self.rest(IDLE_POLL_SECONDS, "idle")
-                    continue
-                with structlog.contextvars.bound_contextvars(job_id=job.id, path=job.relative_path):
-                    self.pulse.start_job(job)
-                    try:
-                        self.handle(job)
-                    finally:
-                        self.pulse.end_job()
+                try:
+                    self.claim_and_handle()
+                except StateDiskFull as error:
+                    # A job caught mid-way stays ours until its lease expires, then is queued again.
+                    self.wait_for_space(error)
             return 0
         finally:
             self.pulse.quit.set()
             self.pulse.wake.set()
             self.pulse.join()
-            self.store.beat("engine", "stopped")
+            with contextlib.suppress(StateDiskFull):  # status then says "dead" a minute later instead
+                self.store.beat("engine", "stopped")
             notify("STOPPING=1")
+
+    def claim_and_handle(self) -> None:
+        job = self.store.claim(self.owner, self.settings.worker.lease_seconds)
+        if job is None:
+            self.rest(IDLE_POLL_SECONDS, "idle")
+            return
+        with structlog.contextvars.bound_contextvars(job_id=job.id, path=job.relative_path):
+            self.pulse.start_job(job)
+            try:
+                self.handle(job)
+            finally:
+                self.pulse.end_job()
 
     def handle(self, job: Job) -> None:
         """Protect one claimed job and record how it ended. Never raises for a job's own failure."""
@@ -195,6 +209,8 @@ class Engine:
                 self.store.release(job.id, self.owner)
                 log.info("engine.job_released", reason="stopping")
             return
+        except StateDiskFull:
+            raise  # not the image's fault: run() waits for space
         except EngineError as error:
             self.failed(job, str(error), permanent=error.permanent)
             return
@@ -214,7 +230,7 @@ class Engine:
             self.failed(job, f"{type(error).__name__}: {error}", permanent=False)
             return
         self.pause_seconds = self.settings.worker.retry_backoff_seconds
-        if not self.store.finish(job.id, self.owner, output, metrics):
+        if not self.until_written(lambda: self.store.finish(job.id, self.owner, output, metrics)):
             log.warning("engine.job_taken_over", output=str(output))
             return
         # The one summary line per job: the engine's scalar figures (PSNR, gain...) plus where it went.
@@ -222,6 +238,24 @@ class Engine:
         log.info("job.done", **{**figures, "output": str(output), "job_seconds": round(time.monotonic() - started, 1)})
         if self.settings.after == "archive":
             self.archive(job)
+
+    def wait_for_space(self, error: StateDiskFull) -> None:
+        self.pulse.disk.full(error)
+        self.rest(RETRY_SECONDS, f"waiting: {error}")
+
+    def until_written(self, write: Callable[[], bool]) -> bool:
+        """Record a protected image's output, waiting out a full state disk: minutes of work must not be lost.
+
+        False if the job is no longer ours, or if we are asked to stop first
+        (then the lease expires and the job is protected again).
+        """
+        while True:
+            try:
+                return write()
+            except StateDiskFull as error:
+                if self.stop.is_set():
+                    return False
+                self.wait_for_space(error)
 
     def rest(self, seconds: float, status: str) -> None:
         """Wait until ``stop``, telling the pulse that waiting is not being stuck."""
@@ -248,7 +282,7 @@ class Engine:
         output = self.choose_output(job, OUTPUT_FORMATS[self.settings.engine.format])
         _check_writable(output.parent)  # before minutes of GPU time, not after
         protected = protect_file(source, self.model, self.settings.engine, progress=self.on_progress)
-        if not self.store.plan_output(job.id, self.owner, output):
+        if not self.until_written(lambda: self.store.plan_output(job.id, self.owner, output)):
             self.pulse.lost.set()
             raise _Stop()
         if job.output_path:  # an earlier attempt planned this name, and may have died mid-write
