@@ -121,6 +121,8 @@ def refusal_reason(path: Path, inbox: Path) -> str | None:
     """
     mode = os.lstat(path).st_mode
     if stat.S_ISLNK(mode):
+        if path.is_dir():
+            return "symlink to a folder: fixative does not follow links, so none of its images is protected"
         return "symlink: fixative does not follow links"
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _FILE_TYPES.items() if test(mode)), "not a regular file")

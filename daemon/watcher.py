@@ -150,7 +150,7 @@ class _Watcher:
                 # exists produce no events at all; look inside instead.
                 if not any(skip_folder(part) for part in path.relative_to(self.inbox).parts):
                     self.scan(path, now)
-            elif ignore_reason(path, self.inbox) is None:
+            elif ignore_reason(path, self.inbox) is None or _is_folder_link(path, self.inbox):
                 self.tracker.touch(path, now)
 
     def scan(self, folder: Path, now: float) -> None:
@@ -161,9 +161,12 @@ class _Watcher:
         # FIFOs and devices, so that they are refused with a reason.
         for dirpath, dirnames, filenames in os.walk(folder, onerror=_log_unreadable):
             dirnames[:] = [name for name in dirnames if not skip_folder(name)]
-            for name in filenames:
+            # os.walk lists a symlinked folder among the folders and, without
+            # followlinks, goes no further: it is refused like a symlinked file
+            # instead, so that the artist sees why its images are not protected.
+            for name in dirnames + filenames:
                 path = Path(dirpath, name)
-                if ignore_reason(path, self.inbox) is not None:
+                if ignore_reason(path, self.inbox) is not None and not _is_folder_link(path, self.inbox):
                     continue
                 seen.add(path)
                 try:
@@ -214,6 +217,12 @@ class _Watcher:
             f"watching {self.inbox} · {len(self.tracker)} settling · "
             f"{self.recorded} recorded since start ({self.refused} refused)"
         )
+
+
+def _is_folder_link(path: Path, inbox: Path) -> bool:
+    """A symlink to a folder, not hidden or junk: its files are never read, so it is refused with a reason."""
+    return os.path.islink(path) and os.path.isdir(path) and not any(
+        skip_folder(part) for part in path.relative_to(inbox).parts)
 
 
 def _log_unreadable(error: OSError) -> None:

@@ -187,6 +187,23 @@ def test_symlinks_out_of_the_inbox_and_fifos_are_refused_and_the_watcher_goes_on
     assert "FIFO" in jobs["pipe.png"].error
 
 
+def test_a_symlinked_folder_is_refused_with_a_reason_not_ignored(settings, inbox, store, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.png").write_bytes(png(8))
+    (inbox / "at-start").symlink_to(elsewhere, target_is_directory=True)
+    with running(settings):
+        wait_for(lambda: len(store.jobs()) == 1)  # found by the first scan
+        (inbox / "later").symlink_to(elsewhere, target_is_directory=True)
+        wait_for(lambda: len(store.jobs()) == 2)  # found by its event
+        (inbox / ".hidden").symlink_to(elsewhere, target_is_directory=True)
+        time.sleep(3 * STABILITY)
+
+    assert sources(store) == [str(inbox / "at-start"), str(inbox / "later")]
+    for job in store.jobs():
+        assert job.state == "failed" and job.error.startswith("symlink to a folder"), job
+
+
 def test_junk_is_ignored_and_subfolders_are_watched(settings, inbox, store, tmp_path):
     for junk in [".hidden.png", ".DS_Store", "._a.png", "Thumbs.db", "a.png.part", "a.png~", "notes.txt",
                  "@eaDir/x.png/SYNOFILE_THUMB_M.jpg", ".stfolder/x.png", ".Trash-1000/files/x.png"]:
