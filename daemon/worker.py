@@ -215,7 +215,8 @@ class Engine:
             self.failed(job, str(error), permanent=error.permanent)
             return
         except MachineError as error:
-            self.store.release(job.id, self.owner, error=f"{error} (will retry)")
+            # No "(will retry)" here: a queued job's error is shown as one that will be retried.
+            self.store.release(job.id, self.owner, error=str(error))
             log.warning("engine.machine_error", error=str(error), pause_seconds=self.pause_seconds)
             self.rest(self.pause_seconds, f"waiting {self.pause_seconds:.0f}s: {error}")
             self.pause_seconds = min(self.pause_seconds * 2, MAX_PAUSE_SECONDS)
