@@ -25,6 +25,7 @@ from pathlib import Path
 from daemon.inbox_filter import WatcherConfigError, ignore_reason
 from daemon.lock import EXIT_ALREADY_RUNNING, AlreadyRunning, hold
 from daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
+from daemon.status import printable
 from daemon.store import STATES, JobStore
 
 
@@ -90,10 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a shell reports for a program killed by SIGPIPE, as `cat` would be.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # `fixative status | head`: the reader has what it wanted. Point stdout
+        # at /dev/null so that the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (ConfigError, WatcherConfigError) as error:
         for line in getattr(error, "lines", [str(error)]):
             print(f"fixative: config: {line}", file=sys.stderr)
@@ -189,6 +199,9 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(job) for job in jobs]))
         return 0
+    if not jobs:
+        print(f"no {args.state} jobs" if args.state else "no jobs yet")
+        return 0
     for job in jobs:
         if job.state == "skipped":
             note = f"same content as #{job.duplicate_of}"
@@ -200,7 +213,7 @@ def _list(args: argparse.Namespace) -> int:
             note = f"step {job.progress_step}/{job.progress_total}"
         else:
             note = f"attempt {job.attempts}: {job.error}" if job.error else ""
-        print(f"#{job.id:<5} {job.state:<8} {job.source_path}  {note}".rstrip())
+        print(f"#{job.id:<5} {job.state:<8} {printable(job.source_path)}  {printable(note)}".rstrip())
     return 0
 
 

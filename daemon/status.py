@@ -122,18 +122,28 @@ def render(report: dict[str, Any]) -> str:
         progress = f"{running['step']}/{running['total']} ({running['percent']}%)" if running["total"] else "starting"
         speed = f" · {running['seconds_per_step']:.1f} s/step" if running["seconds_per_step"] else ""
         eta = f" · ETA {_duration(running['eta_seconds'])}" if running["eta_seconds"] is not None else ""
-        lines.append(f"now: {running['relative_path']} {progress}{speed}{eta} (attempt {running['attempt']})")
+        lines.append(f"now: {printable(running['relative_path'])} {progress}{speed}{eta} (attempt {running['attempt']})")
     day = report["throughput_24h"]
     mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""
     lines.append(f"last 24h: {day['done']} done{mean}, {day['failed']} failed, {day['skipped']} skipped as duplicates")
     if report["latest_done"]:
         lines.append("latest done:")
-        lines += [f"  #{d['id']} {d['output']}{_figures(d['metrics'])}" for d in report["latest_done"][:3]]
+        lines += [f"  #{d['id']} {printable(d['output'])}{_figures(d['metrics'])}" for d in report["latest_done"][:3]]
     if report["failures"]:
         lines.append("latest failures (fixative retry ID | --failed):")
-        lines += [f"  #{f['id']} {f['path']}: {f['error']}{' (will retry)' if f['state'] == 'queued' else ''}"
+        lines += [f"  #{f['id']} {printable(f['path'])}: {printable(f['error'])}"
+                  f"{' (will retry)' if f['state'] == 'queued' else ''}"
                   for f in report["failures"]]
     return "\n".join(lines)
+
+
+def printable(text: str | None) -> str:
+    """``text`` on one terminal line: control characters escaped.
+
+    A file name may hold a newline (or an escape sequence), and printed raw it
+    would split a job across lines or repaint the terminal.
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text or "")
 
 
 def _figures(metrics: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,33 @@ def test_retry_one_or_all_failed(env: dict[str, str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as usage:
         build_parser().parse_args(["retry"])  # an id or --failed is required
     assert usage.value.code == 2
+
+
+def test_list_says_when_there_are_no_jobs(env: dict[str, str], tmp_path: Path) -> None:
+    assert fixative(env, "list").stdout == "no jobs yet\n"  # before the daemon ever ran
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    (tmp_path / "inbox" / "a.png").write_bytes(b"a")
+    store.enqueue(tmp_path / "inbox" / "a.png", "fp")
+    assert fixative(env, "list", "--state", "failed").stdout == "no failed jobs\n"
+    assert json.loads(fixative(env, "list", "--json", "--state", "failed").stdout) == []
+
+
+def test_a_newline_in_a_file_name_stays_on_its_job_line(env: dict[str, str], tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    for name in ("two\nlines.png", "plain.png"):
+        (tmp_path / "inbox" / name).write_bytes(name.encode())
+        store.enqueue(tmp_path / "inbox" / name, "fp")
+    lines = fixative(env, "list").stdout.splitlines()
+    assert len(lines) == 2 and lines[1].endswith("two\\nlines.png")
+    assert json.loads(fixative(env, "list", "--json").stdout)[1]["source_path"].endswith("two\nlines.png")
+
+
+def test_a_reader_that_stops_early_is_no_error(env: dict[str, str]) -> None:
+    # `fixative status | head -1`: the pipe closes before status has written everything.
+    for command in ("status", "list"):
+        process = subprocess.Popen([sys.executable, "-m", "daemon.cli", command], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=60) == 128 + signal.SIGPIPE, stderr
+        assert stderr == ""
