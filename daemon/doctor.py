@@ -22,6 +22,8 @@ OK, WARN, FAIL = "ok", "WARN", "FAIL"
 INOTIFY_SYSCTL = "fs.inotify.max_user_watches"
 LOW_DISK_BYTES = 1 << 30  # a few protected PNGs of large artwork, with room to spare
 PROBE_TIMEOUT_SECONDS = 300  # the first CUDA initialisation can take minutes
+# The README's words, from bench/README.md's full-scale table (sds, 512x512, 2 cores: 1525 s).
+CPU_SPEED = "one 512x512 image takes tens of minutes (about 25 on 2 cores, bench/README.md)"
 
 
 def run_checks(settings: Settings) -> list[tuple[str, str]]:
@@ -49,7 +51,7 @@ def _engine_checks(settings: Settings) -> list[tuple[str, str]]:
     if "device_error" in found:
         results.append((FAIL, f"device: {found['device_error']}"))
     elif found["device"] == "cpu":
-        results.append((WARN, "device: cpu. It works, but one image takes an hour or more; a CUDA GPU takes minutes"))
+        results.append((WARN, f"device: cpu. It works, but {CPU_SPEED}; a CUDA GPU is far faster"))
     else:
         results.append((OK, f"device: {found['device']} {found.get('device_name', '')}".rstrip()))
     if "model_error" in found:
@@ -91,15 +93,21 @@ def _folder_checks(settings: Settings) -> list[tuple[str, str]]:
     if settings.after == "archive":
         folders["archive_dir"] = settings.archive_dir
     for key, folder in folders.items():
-        results.append(_writable(key, folder))
+        results.append(_writable(key, folder, parents=key != "inbox"))
     free = shutil.disk_usage(_existing_parent(settings.export_dir)).free
     if free < LOW_DISK_BYTES:
         results.append((WARN, f"export_dir: only {free / 2**20:.0f} MiB free on {settings.export_dir}"))
     return results
 
 
-def _writable(key: str, folder: Path) -> tuple[str, str]:
+def _writable(key: str, folder: Path, *, parents: bool = True) -> tuple[str, str]:
+    """``parents``: whether the daemon creates missing parent folders too, not just ``folder``."""
     if not folder.exists():
+        if not parents and not folder.parent.is_dir():
+            # The watcher creates the inbox but not its parents (an unmounted share
+            # must not be papered over with a new tree): `fixative run` exits 78 on it.
+            return FAIL, (f"{key}: {folder} cannot be created: {folder.parent} does not exist "
+                          "(an unmounted share? a typo?)")
         parent = _existing_parent(folder)
         if os.access(parent, os.W_OK | os.X_OK):
             return OK, f"{key}: {folder} does not exist yet; it will be created"

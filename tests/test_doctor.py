@@ -1,0 +1,42 @@
+"""``fixative doctor``'s folder checks and wording: they must agree with what ``run`` does and the README says."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from daemon.doctor import CPU_SPEED, FAIL, OK, _folder_checks
+from daemon.settings import Settings
+from daemon.watcher import WatcherConfigError, run_watcher
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def settings(tmp_path: Path, inbox: Path) -> Settings:
+    return Settings(inbox=inbox, export_dir=tmp_path / "export", state_dir=tmp_path / "state")
+
+
+def inbox_check(settings: Settings) -> tuple[str, str]:
+    [check] = [(level, line) for level, line in _folder_checks(settings) if line.startswith("inbox:")]
+    return check
+
+
+def test_an_inbox_whose_parent_is_missing_fails_as_run_does(tmp_path: Path) -> None:
+    missing = settings(tmp_path, tmp_path / "unmounted-share" / "ToProtect")
+    level, line = inbox_check(missing)
+    assert level == FAIL and f"{tmp_path / 'unmounted-share'} does not exist" in line
+    with pytest.raises(WatcherConfigError):  # what `fixative run` exits 78 on
+        run_watcher(missing, threading.Event())
+
+
+def test_an_inbox_that_does_not_exist_yet_is_fine_as_run_creates_it(tmp_path: Path) -> None:
+    level, line = inbox_check(settings(tmp_path, tmp_path / "ToProtect"))
+    assert level == OK and "will be created" in line
+
+
+def test_the_cpu_speed_agrees_with_the_readme() -> None:
+    # bench/README.md: sds at 512x512 on 2 cores, 1525 s per image. The README says "tens of minutes".
+    assert "tens of minutes" in CPU_SPEED and "one 512² image takes tens of minutes" in " ".join(README.split())
+    assert "hour" not in CPU_SPEED
