@@ -149,7 +149,8 @@ def resolve_model_folder(model: str) -> Path:
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as error:
         raise ModelError(
             f"model {model!r} is not on this machine. Download it once with `fixative model pull {model}` "
-            "(about 2.5 GB), or point `--model` / `[engine] model` at a local diffusers folder or .safetensors file."
+            "(about 2.5 GB), or set `[engine] model` in the config file (`fixative protect --model` for one run) "
+            "to a local diffusers folder or .safetensors file."
         ) from error
 
 
