@@ -323,7 +323,8 @@ def _to_rgb_alpha(
     has_alpha = mode in _ALPHA_MODES or "transparency" in img.info
     arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
     if mode in _GREY_MODES:
-        notes.append("greyscale input converted to RGB (three equal channels); output is RGB")
+        notes.append("greyscale input converted to RGB (three equal channels); output is "
+                     + ("RGBA, the alpha kept" if has_alpha else "RGB"))
     elif mode in ("P", "PA"):
         notes.append("palette image converted to " + ("RGBA" if has_alpha else "RGB"))
     elif mode == "YCbCr":

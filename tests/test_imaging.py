@@ -206,6 +206,17 @@ def test_greyscale_and_bilevel_become_rgb_with_equal_channels(tmp_path):
     assert set(np.unique(read_image(path).rgb)) <= {0, 255}
 
 
+def test_greyscale_with_alpha_says_its_output_is_rgba(tmp_path):
+    grey = noise(256, 260, 2)[..., 0]
+    path = tmp_path / "grey-alpha.png"
+    Image.fromarray(np.stack([grey, 255 - grey], axis=-1)).save(path)  # two channels: mode LA
+    src = read_image(path)
+    np.testing.assert_array_equal(src.alpha, 255 - grey)
+    assert reopen(encode_image(src.rgb, src)).mode == "RGBA"
+    [note] = [n for n in src.notes if "greyscale" in n]
+    assert note.endswith("output is RGBA, the alpha kept")
+
+
 def test_sixteen_bit_greyscale_is_rounded_not_truncated(tmp_path):
     # 511/257 = 1.99 -> 2 (truncation says 1); 385 -> 1.498 -> 1; 386 -> 1.502 -> 2
     values = np.array([0, 511, 385, 386, 32896, 65535], np.uint16)
