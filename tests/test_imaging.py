@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, JpegImagePlugin
 
+from conftest import painting
 from engine.errors import BadImage
 from engine.imaging import (
     MAX_PIXELS,
@@ -215,6 +216,20 @@ def test_greyscale_with_alpha_says_its_output_is_rgba(tmp_path):
     assert reopen(encode_image(src.rgb, src)).mode == "RGBA"
     [note] = [n for n in src.notes if "greyscale" in n]
     assert note.endswith("output is RGBA, the alpha kept")
+
+
+def test_only_png_keeps_the_strength_bound_and_the_readme_says_so(tmp_path):
+    path = tmp_path / "painting.png"
+    Image.fromarray(painting(300, 400)).save(path)
+    src = read_image(path)
+    signs = np.random.default_rng(0).choice([-8, 8], src.rgb.shape)  # the worst case of strength 8
+    protected = np.clip(src.rgb.astype(int) + signs, 0, 255).astype(np.uint8)
+    change = {fmt: int(np.abs(np.asarray(reopen(encode_image(protected, src, fmt)).convert("RGB"), int)
+                              - src.rgb).max()) for fmt in ("png", "jpeg", "webp")}
+    assert change["png"] == 8 and change["jpeg"] > 20 and change["webp"] > 100, change
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "The saved PNG (the default format), read back, differs from the original by at most `strength`" in readme
+    assert "JPEG and WebP outputs do not keep that bound" in readme
 
 
 def test_sixteen_bit_greyscale_is_rounded_not_truncated(tmp_path):
