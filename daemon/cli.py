@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("engine", help="protect queued images with the GPU (one process per machine)")
     # How `fixative run` hands its state-folder lock to its engine child (daemon.lock).
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--owner", help=argparse.SUPPRESS)  # set by `fixative run`, to release a dead engine's job
     p.set_defaults(run=_engine)
 
     p = commands.add_parser("run", help="the daemon: watcher + engine, as the systemd unit starts it")
@@ -146,7 +147,7 @@ def _engine(args: argparse.Namespace) -> int:
 
     configure_logging(args.verbose)
     with hold(settings.state_dir, "engine", inherited_fd=args.lock_fd):
-        return run_engine(settings, _stop_event())
+        return run_engine(settings, _stop_event(), args.owner)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -205,7 +206,7 @@ def _list(args: argparse.Namespace) -> int:
     for job in jobs:
         if job.state == "skipped":
             note = f"same content as #{job.duplicate_of}"
-        elif job.state == "failed":
+        elif job.state in ("failed", "superseded"):
             note = job.error or ""
         elif job.state == "done":
             note = f"-> {job.output_path}"
@@ -231,7 +232,6 @@ def _retry(args: argparse.Namespace) -> int:
 def _enqueue(args: argparse.Namespace) -> int:
     settings = _settings(args)
     inbox = settings.inbox.resolve()
-    fingerprint = settings.engine.fingerprint()
     store = _store(settings)
     refused = 0
     for name in args.files:
@@ -243,7 +243,7 @@ def _enqueue(args: argparse.Namespace) -> int:
             print(f"fixative: {name}: {problem}", file=sys.stderr)
             refused += 1
             continue
-        job = store.enqueue(path, fingerprint, inbox=base)
+        job = store.enqueue(path, settings.engine, inbox=base)
         extra = f" (same content as #{job.duplicate_of})" if job.duplicate_of else ""
         print(f"#{job.id} {job.state}: {path}{extra}")
     store.close()

@@ -18,6 +18,12 @@ or right:
 * One row per (content sha256, settings fingerprint): the same bytes with the
   same settings are protected once. A copy under another name gets a "skipped"
   row that points at the first job (``duplicate_of``) and shares its output.
+* A row carries the engine options it was queued with, and the engine protects
+  with those, not with whatever the config file says when the job is claimed:
+  the fingerprint on the row must describe the output it leads to.
+* A path has one current job: queuing new content or new settings for a path
+  marks its older unfinished or failed jobs "superseded". They are history,
+  not failures, so ``fixative status`` and ``retry --failed`` leave them alone.
 
 Timestamps are unix seconds (floats) everywhere.
 """
@@ -38,7 +44,9 @@ from typing import Any
 
 from sqlite_utils import Database
 
-STATES = ("queued", "running", "done", "failed", "skipped")
+from engine.options import EngineOptions
+
+STATES = ("queued", "running", "done", "failed", "skipped", "superseded")
 
 
 class StateDiskFull(Exception):
@@ -94,6 +102,57 @@ MIGRATIONS = [
     """
     ALTER TABLE processes ADD COLUMN progress_at REAL;
     """,
+    # "superseded": the path got newer content or settings before this job
+    # finished. SQLite cannot alter a CHECK constraint, so the table is rebuilt
+    # (sqlite.org/lang_altertable.html, "other kinds of table schema changes").
+    # options: the EngineOptions JSON the job was queued with (NULL on rows
+    # from before this version: those are protected with the current settings).
+    # archived_to: where `after = "archive"` moved the original, so a new file
+    # that later arrives under the same name never replaces this one's output.
+    # output_sha256: what this job wrote (recorded before writing), so a later
+    # job of the same source can tell its own earlier output from a file the
+    # artist has since edited.
+    """
+    CREATE TABLE jobs_new (
+        id INTEGER PRIMARY KEY,
+        source_path TEXT NOT NULL,
+        relative_path TEXT NOT NULL,
+        sha256 TEXT,
+        fingerprint TEXT,
+        state TEXT NOT NULL
+            CHECK (state IN ('queued', 'running', 'done', 'failed', 'skipped', 'superseded')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        owner TEXT,
+        lease_expires REAL,
+        not_before REAL,
+        progress_step INTEGER,
+        progress_total INTEGER,
+        output_path TEXT,
+        error TEXT,
+        metrics TEXT,
+        duplicate_of INTEGER REFERENCES jobs(id),
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        options TEXT,
+        archived_to TEXT,
+        output_sha256 TEXT
+    );
+    INSERT INTO jobs_new (id, source_path, relative_path, sha256, fingerprint, state, attempts, owner,
+                          lease_expires, not_before, progress_step, progress_total, output_path, error,
+                          metrics, duplicate_of, created_at, updated_at, started_at, finished_at)
+        SELECT id, source_path, relative_path, sha256, fingerprint, state, attempts, owner,
+               lease_expires, not_before, progress_step, progress_total, output_path, error,
+               metrics, duplicate_of, created_at, updated_at, started_at, finished_at FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_new RENAME TO jobs;
+    CREATE UNIQUE INDEX jobs_one_per_content ON jobs (sha256, fingerprint)
+        WHERE duplicate_of IS NULL AND sha256 IS NOT NULL;
+    CREATE INDEX jobs_by_state ON jobs (state, id);
+    CREATE INDEX jobs_by_source ON jobs (source_path);
+    CREATE INDEX jobs_by_output ON jobs (output_path);
+    """,
 ]
 
 
@@ -119,10 +178,14 @@ class Job:
     updated_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+    options: dict[str, Any] | None = None  # the EngineOptions it was queued with, as JSON
+    archived_to: str | None = None
+    output_sha256: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
-        return cls(**{**row, "metrics": json.loads(row["metrics"]) if row["metrics"] else {}})
+        return cls(**{**row, "metrics": json.loads(row["metrics"]) if row["metrics"] else {},
+                      "options": json.loads(row["options"]) if row["options"] else None})
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -204,16 +267,18 @@ class JobStore:
 
     # -- the watcher's side -----------------------------------------------
 
-    def enqueue(self, path: Path, fingerprint: str, *, inbox: Path | None = None) -> Job:
-        """Queue ``path`` for protection with the settings ``fingerprint``; idempotent.
+    def enqueue(self, path: Path, options: EngineOptions, *, inbox: Path | None = None) -> Job:
+        """Queue ``path`` for protection with ``options``; idempotent.
 
         The watcher rescans the inbox and calls this for every file it sees, so
-        a path whose content is already known (in any state) returns its job
-        unchanged. A failed one stays failed until ``fixative retry``. Other
+        a path whose content is already known with these settings returns its
+        job unchanged. A failed one stays failed until ``fixative retry``. Other
         paths with known content get a "skipped" row pointing at the first job.
+        The new job supersedes the path's older unfinished ones.
         """
         path = Path(path).absolute()
         sha256 = file_sha256(path)  # outside the transaction: hashing a big file is slow
+        fingerprint = options.fingerprint()
         if inbox is not None and Path(inbox).absolute() in path.parents:
             relative = path.relative_to(Path(inbox).absolute()).as_posix()
         else:
@@ -223,26 +288,94 @@ class JobStore:
                 "SELECT * FROM jobs WHERE source_path = ? AND sha256 = ? AND fingerprint = ? ORDER BY id LIMIT 1",
                 (str(path), sha256, fingerprint),
             )
-            if same is not None:
+            if same is not None and not self._came_back(same):
                 return same
-            first = self._job(
-                "SELECT * FROM jobs WHERE sha256 = ? AND fingerprint = ? AND duplicate_of IS NULL",
-                (sha256, fingerprint),
-            )
             now = time.time()
-            row: dict[str, Any] = {
-                "source_path": str(path),
-                "relative_path": relative,
-                "sha256": sha256,
-                "fingerprint": fingerprint,
-                "state": "queued",
-                "created_at": now,
-                "updated_at": now,
-            }
-            if first is not None:
-                row.update(state="skipped", duplicate_of=first.id, output_path=first.output_path, finished_at=now)
-            job_id = self.db["jobs"].insert(row).last_pk
+            if same is not None:
+                job_id = same.id
+                self._queue_again(same, now)
+            else:
+                first = self._job(
+                    "SELECT * FROM jobs WHERE sha256 = ? AND fingerprint = ? AND duplicate_of IS NULL",
+                    (sha256, fingerprint),
+                )
+                row: dict[str, Any] = {
+                    "source_path": str(path),
+                    "relative_path": relative,
+                    "sha256": sha256,
+                    "fingerprint": fingerprint,
+                    "options": options.model_dump_json(),
+                    "state": "queued",
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                if first is not None:
+                    row.update(state="skipped", duplicate_of=first.id, output_path=first.output_path,
+                               finished_at=now)
+                job_id = self.db["jobs"].insert(row).last_pk
+            for older in self._rows(
+                """SELECT id FROM jobs WHERE source_path = ? AND id != ? AND sha256 IS NOT NULL
+                   AND state IN ('queued', 'running', 'failed')""",
+                (str(path), job_id),
+            ):
+                self._supersede(older["id"], f"superseded by #{job_id}: the file's content or the settings "
+                                             f"changed before it was done", now)
             return self.get(job_id)
+
+    def _came_back(self, job: Job) -> bool:
+        """Whether the path moved on to other content or settings, and came back to ``job``'s.
+
+        Undo in an editor, or a settings change reverted. A superseded job was
+        never done; a done one may have had its output replaced since by the
+        path's later job. Either way this content has no current output.
+        """
+        if job.state == "superseded":
+            return True
+        return job.state == "done" and bool(self._rows(
+            "SELECT 1 FROM jobs WHERE source_path = ? AND id > ? AND state = 'done' AND duplicate_of IS NULL",
+            (job.source_path, job.id),
+        ))
+
+    def _queue_again(self, job: Job, now: float) -> None:
+        """Make ``job`` current again (see :meth:`_came_back`); its output name is chosen afresh."""
+        if job.duplicate_of is not None:  # its content is another path's job now (see _supersede)
+            self.db.execute(
+                """UPDATE jobs SET state = 'skipped', error = NULL, finished_at = :now, updated_at = :now,
+                          output_path = (SELECT output_path FROM jobs WHERE id = :primary)
+                   WHERE id = :id""",
+                {"id": job.id, "primary": job.duplicate_of, "now": now},
+            )
+        else:
+            self.db.execute(
+                """UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, not_before = NULL,
+                          output_path = NULL, output_sha256 = NULL, finished_at = NULL, updated_at = :now
+                   WHERE id = :id""",
+                {"id": job.id, "now": now},
+            )
+
+    def _supersede(self, job_id: int, reason: str, now: float) -> None:
+        """Retire a job whose path has moved on; inside a write transaction.
+
+        Copies of its content under other names were skipped as duplicates of
+        it. They still need protecting, so the first of them takes the job over.
+        """
+        self.db.execute(
+            """UPDATE jobs SET state = 'superseded', error = :reason, owner = NULL, lease_expires = NULL,
+                      progress_step = NULL, progress_total = NULL, finished_at = :now, updated_at = :now
+               WHERE id = :id""",
+            {"id": job_id, "reason": reason, "now": now},
+        )
+        heir = self._rows("SELECT id FROM jobs WHERE duplicate_of = ? ORDER BY id LIMIT 1", (job_id,))
+        if heir:
+            params = {"id": job_id, "heir": heir[0]["id"], "now": now}
+            # In this order: the retired job leaves the one-per-content index before the heir joins it.
+            self.db.execute("UPDATE jobs SET duplicate_of = :heir WHERE duplicate_of = :id OR id = :id", params)
+            self.db.execute(
+                """UPDATE jobs SET state = 'queued', duplicate_of = NULL, output_path = NULL,
+                          finished_at = NULL, updated_at = :now
+                   WHERE id = :heir""",
+                params,
+            )
 
     def record_refusal(self, path: Path, reason: str) -> Job:
         """Record a path the watcher will not touch (symlink, FIFO, outside the inbox).
@@ -363,22 +496,63 @@ class JobStore:
             {"id": job_id, "owner": owner, "error": error},
         )
 
-    def plan_output(self, job_id: int, owner: str, output_path: Path | str) -> bool:
-        """Record where the output will be written, before writing it.
+    def supersede(self, job_id: int, owner: str, reason: str) -> bool:
+        """Retire a claimed job whose source changed since it was queued: not a failure.
+
+        The watcher queues the new content once it settles, and that job is the current one.
+        """
+        with self._write():
+            if not self._rows("SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND state = 'running'", (job_id, owner)):
+                return False
+            self._supersede(job_id, reason, time.time())
+            return True
+
+    def release_owner(self, owner: str, reason: str) -> bool:
+        """Queue again the job ``owner`` held, now that its process is known to be dead; True if it held one.
+
+        ``fixative run`` calls this as soon as its engine child dies, instead of
+        letting the job look "running" for the rest of its lease. The attempt
+        stays counted, as for an expired lease: an image that kills the engine
+        must still end as failed after ``max_attempts``.
+        """
+        return self._update(
+            """UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, progress_step = NULL,
+                      progress_total = NULL, error = :error, updated_at = :now
+               WHERE owner = :owner AND state = 'running'""",
+            {"owner": owner, "error": reason},
+        )
+
+    def plan_output(self, job_id: int, owner: str, output_path: Path | str, output_sha256: str) -> bool:
+        """Record where the output will be written, and what it will hold, before writing it.
 
         If the engine dies between writing the file and :meth:`finish`, the
         next attempt finds its own file here and replaces it, instead of
         taking it for someone else's and writing a second copy beside it.
         """
         return self._update(
-            "UPDATE jobs SET output_path = :output, updated_at = :now WHERE id = :id AND owner = :owner AND state = 'running'",
-            {"id": job_id, "owner": owner, "output": str(output_path)},
+            """UPDATE jobs SET output_path = :output, output_sha256 = :sha256, updated_at = :now
+               WHERE id = :id AND owner = :owner AND state = 'running'""",
+            {"id": job_id, "owner": owner, "output": str(output_path), "sha256": output_sha256},
         )
 
-    def output_taken(self, output_path: Path | str, job_id: int) -> bool:
-        """Whether another job has written, or planned to write, ``output_path``."""
-        return bool(self._rows("SELECT 1 FROM jobs WHERE output_path = ? AND id != ? LIMIT 1",
-                               (str(output_path), job_id)))
+    def output_holders(self, output_path: Path | str, job_id: int) -> list[Job]:
+        """The other jobs that wrote, or planned to write, ``output_path``.
+
+        A copy skipped as a duplicate counts while it is its path's current
+        job: that output is its protected copy too, so an edit of the original
+        must not replace it.
+        """
+        rows = self._rows(
+            """SELECT * FROM jobs AS j WHERE output_path = ? AND id != ?
+               AND (duplicate_of IS NULL OR id = (SELECT MAX(id) FROM jobs WHERE source_path = j.source_path))""",
+            (str(output_path), job_id),
+        )
+        return [Job.from_row(r) for r in rows]
+
+    def record_archive(self, job_id: int, archived_to: Path | str | None) -> None:
+        """Record where the original was moved (None: the move failed after all)."""
+        self._update("UPDATE jobs SET archived_to = :to, updated_at = :now WHERE id = :id",
+                     {"id": job_id, "to": None if archived_to is None else str(archived_to)})
 
     # -- the CLI's side ---------------------------------------------------
 

@@ -32,8 +32,8 @@ from daemon.notify import notify, watchdog_interval
 from daemon.settings import EX_CONFIG, Settings
 from daemon.state_disk import looks_full
 from daemon.status import is_alive, is_healthy
-from daemon.store import JobStore
-from daemon.worker import LOADING_STATUS
+from daemon.store import JobStore, StateDiskFull
+from daemon.worker import LOADING_STATUS, new_owner
 
 log = structlog.get_logger()
 
@@ -92,7 +92,7 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
     store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
     watcher = _WatcherThread(settings)
     watcher.start()
-    engine = _Engine(engine_command, pass_fds)
+    engine = _Engine(engine_command, store, pass_fds)
     ready = False
     last_status = ""
     ping_every = watchdog_interval()
@@ -137,10 +137,15 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
 
 
 class _Engine:
-    """The engine child process, restarted with a backoff when it dies."""
+    """The engine child process, restarted with a backoff when it dies.
 
-    def __init__(self, command: list[str], pass_fds: tuple[int, ...] = ()):
-        self.command, self.pass_fds = command, pass_fds
+    Each start gets a lease owner id of our choosing (``engine --owner``), so
+    that when the child dies, its job goes back to the queue at once instead
+    of looking "running" until its lease expires (300 s by default).
+    """
+
+    def __init__(self, command: list[str], store: JobStore, pass_fds: tuple[int, ...] = ()):
+        self.command, self.store, self.pass_fds = command, store, pass_fds
         # The child must not notify systemd itself (NotifyAccess=main would
         # reject it and log a warning on every message).
         self.env = {k: v for k, v in os.environ.items()
@@ -149,8 +154,9 @@ class _Engine:
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, env=self.env, preexec_fn=_die_with_parent,
-                                        pass_fds=self.pass_fds)
+        self.owner = new_owner()
+        self.process = subprocess.Popen([*self.command, "--owner", self.owner], env=self.env,
+                                        preexec_fn=_die_with_parent, pass_fds=self.pass_fds)
         self.started = time.monotonic()
         log.info("run.engine_started", pid=self.process.pid)
 
@@ -166,12 +172,19 @@ class _Engine:
         if code == EX_CONFIG:
             log.error("run.engine_config_error", hint="see the engine's error above; fix it and restart")
             return code
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        try:
+            # Counted as an attempt, as when a lease expires: an image that kills the engine must end as failed.
+            released = self.store.release_owner(self.owner, f"the engine died while working on it ({how})")
+        except StateDiskFull:
+            released = False  # then its lease expires, and the next claim queues it again
         lived = time.monotonic() - self.started
         if lived > HEALTHY_RUN_SECONDS:
             self.quick_deaths = 0
         delay = min(RESTART_MIN_SECONDS * 2**self.quick_deaths, RESTART_MAX_SECONDS)
         self.quick_deaths += 1
-        log.warning("run.engine_died", exit_code=code, lived_seconds=round(lived), restart_in_seconds=delay)
+        log.warning("run.engine_died", exit_code=code, lived_seconds=round(lived), restart_in_seconds=delay,
+                    job_requeued=released)
         if not stop.wait(delay):
             self.start()
         return code

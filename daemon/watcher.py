@@ -95,7 +95,7 @@ class _Watcher:
     def __init__(self, settings: Settings, store: JobStore, inbox: Path) -> None:
         self.inbox = inbox
         self.store = store
-        self.fingerprint = settings.engine.fingerprint()
+        self.options = settings.engine  # stored on each job: the engine protects with these
         self.rescan_seconds = settings.watcher.rescan_seconds
         self.tick_seconds = min(TICK_SECONDS, settings.watcher.stability_seconds / 2)
         self.tracker = StabilityTracker(settings.watcher.stability_seconds)
@@ -198,7 +198,7 @@ class _Watcher:
                 # The job's state says what happened: "queued" for new content,
                 # "skipped" for a copy of known content, or the state of the
                 # job this exact file already has (after a restart, say).
-                job = self.store.enqueue(path, self.fingerprint, inbox=self.inbox)
+                job = self.store.enqueue(path, self.options, inbox=self.inbox)
                 log.info("watcher.recorded", path=str(path), job_id=job.id, state=job.state)
             self.recorded += 1
         except FileNotFoundError:

@@ -13,7 +13,14 @@ failure means:
 * the machine's fault (export folder unwritable, disk full): the job goes back
   to the queue *without* using an attempt, the reason is shown by
   ``fixative status``, and the engine pauses before claiming again. Once the
-  folder is fixed, the work resumes by itself.
+  folder is fixed, the work resumes by itself;
+* nobody's fault: the original changed since it was queued (a slow copy that
+  paused longer than the settle time). The job is superseded, not failed; the
+  watcher queues the new content once it settles.
+
+Each job is protected with the engine options stored on its row when it was
+queued, not with the config file as it reads now: the file may have been
+edited since, and the row's fingerprint must describe its output.
 
 A background :class:`_Pulse` thread renews the lease, records progress and
 tells systemd we are alive, but only while the main loop really advances: a
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import shutil
 import socket
@@ -45,6 +53,7 @@ from daemon.settings import EX_CONFIG, Settings
 from daemon.state_disk import RETRY_SECONDS, Pause
 from daemon.status import STALLED_AFTER_SECONDS
 from daemon.store import Job, JobStore, StateDiskFull, file_sha256
+from engine.options import EngineOptions
 
 log = structlog.get_logger()
 
@@ -54,6 +63,9 @@ LOADING_STATUS = "loading model"  # `fixative run` sends READY once the engine's
 # unit's TimeoutStopSec (180 s) leaves room for it.
 FINISH_ON_STOP_SECONDS = 60.0
 MAX_PAUSE_SECONDS = 600.0  # longest wait between tries while the export folder is unusable
+# The options that load_model builds into the model; a job queued with other
+# values needs the model loaded again.
+MODEL_OPTIONS = ("model", "device", "dtype", "low_vram", "prompt")
 OUTPUT_MODE = 0o644  # mkstemp makes files 0600; protected copies are meant to be shared
 
 
@@ -63,6 +75,10 @@ class _Stop(Exception):
 
 class MachineError(Exception):
     """A failure that is the machine's fault, not the image's; retried without using an attempt."""
+
+
+class _SourceChanged(Exception):
+    """The original no longer holds the content that was queued: the job is stale, not failed."""
 
 
 class _Pulse(threading.Thread):
@@ -137,25 +153,25 @@ class _Pulse(threading.Thread):
 
 
 class Engine:
-    def __init__(self, settings: Settings, store: JobStore, stop: threading.Event):
+    def __init__(self, settings: Settings, store: JobStore, stop: threading.Event, owner: str | None = None):
         self.settings, self.store, self.stop = settings, store, stop
         # Unique per process start: a restarted engine must not pass the owner
-        # guard of jobs its previous life claimed.
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # guard of jobs its previous life claimed. `fixative run` chooses it, so
+        # that it can release this engine's job the moment it sees it die.
+        self.owner = owner or new_owner()
         self.pulse = _Pulse(store, settings, self.owner)
         self.pause_seconds = settings.worker.retry_backoff_seconds
         self.model: Any = None
+        self.model_options: dict[str, Any] | None = None  # the MODEL_OPTIONS self.model was loaded with
 
     def run(self) -> int:
         from daemon.logs import adopt_library_loggers
         from engine.errors import EngineError
-        from engine.model import load_model
 
         self.pulse.start()
         try:
-            log.info("engine.loading_model", model=self.settings.engine.model)
             try:
-                self.model = load_model(self.settings.engine)
+                self.load(self.settings.engine)
             except EngineError as error:
                 # Missing model, pickle checkpoint, no GPU: a restart cannot fix
                 # it, so exit as a config error and let systemd stop (status 78).
@@ -163,7 +179,6 @@ class Engine:
                 return EX_CONFIG
             adopt_library_loggers()  # diffusers/transformers installed their own handlers on import
             log.info("engine.ready", device=str(self.model.device), model=self.model.source)
-            self.pulse.loading = False
             self.pulse.progressed("idle")
             notify("READY=1", "STATUS=idle")
             while not self.stop.is_set():
@@ -193,6 +208,29 @@ class Engine:
             finally:
                 self.pulse.end_job()
 
+    def load(self, options: EngineOptions) -> None:
+        """Load the model for ``options``, unless the one loaded already fits them."""
+        from engine.model import load_model
+
+        wanted = {name: getattr(options, name) for name in MODEL_OPTIONS}
+        if self.model is not None and wanted == self.model_options:
+            return
+        log.info("engine.loading_model", model=options.model)
+        self.model = self.model_options = None  # free the old model first: two may not fit in memory
+        self.pulse.loading = True  # minutes from a cold disk; not a stall
+        try:
+            self.model = load_model(options)
+        finally:
+            self.pulse.loading = False
+            self.pulse.progressed()
+        self.model_options = wanted
+
+    def options_for(self, job: Job) -> EngineOptions:
+        """The options ``job`` was queued with; the device is this machine's (it is not in the fingerprint)."""
+        if job.options is None:  # queued before the job table kept options
+            return self.settings.engine
+        return EngineOptions.model_validate({**job.options, "device": self.settings.engine.device})
+
     def handle(self, job: Job) -> None:
         """Protect one claimed job and record how it ended. Never raises for a job's own failure."""
         import torch
@@ -204,7 +242,8 @@ class Engine:
             output, metrics = self.protect(job)
         except _Stop:
             if self.pulse.lost.is_set():
-                log.warning("engine.job_taken_over")  # reclaimed elsewhere: leave the row alone
+                # Superseded by newer content, or reclaimed after a lost lease: the row is not ours.
+                log.warning("engine.job_taken_over")
             else:
                 self.store.release(job.id, self.owner)
                 log.info("engine.job_released", reason="stopping")
@@ -213,6 +252,10 @@ class Engine:
             raise  # not the image's fault: run() waits for space
         except EngineError as error:
             self.failed(job, str(error), permanent=error.permanent)
+            return
+        except _SourceChanged as change:
+            self.store.supersede(job.id, self.owner, str(change))
+            log.info("job.superseded", reason=str(change))
             return
         except MachineError as error:
             # No "(will retry)" here: a queued job's error is shown as one that will be retried.
@@ -277,13 +320,21 @@ class Engine:
         from engine.protect import protect_file
 
         source = Path(job.source_path)
-        problem = _source_problem(source, job.sha256)
+        problem = _source_problem(source)
         if problem:
             raise BadImage(problem)
-        output = self.choose_output(job, OUTPUT_FORMATS[self.settings.engine.format])
+        if file_sha256(source) != job.sha256:
+            inbox = self.settings.inbox.resolve()
+            then = ("the watcher queues its new content once it stops changing" if source.is_relative_to(inbox)
+                    else "`fixative enqueue` it again to protect its new content")
+            raise _SourceChanged(f"{source} changed after it was queued; {then}")
+        options = self.options_for(job)
+        self.load(options)
+        output = self.choose_output(job, OUTPUT_FORMATS[options.format])
         _check_writable(output.parent)  # before minutes of GPU time, not after
-        protected = protect_file(source, self.model, self.settings.engine, progress=self.on_progress)
-        if not self.until_written(lambda: self.store.plan_output(job.id, self.owner, output)):
+        protected = protect_file(source, self.model, options, progress=self.on_progress)
+        output_sha256 = hashlib.sha256(protected.data).hexdigest()
+        if not self.until_written(lambda: self.store.plan_output(job.id, self.owner, output, output_sha256)):
             self.pulse.lost.set()
             raise _Stop()
         if job.output_path:  # an earlier attempt planned this name, and may have died mid-write
@@ -308,10 +359,9 @@ class Engine:
     def choose_output(self, job: Job, suffix: str) -> Path:
         """Where this job's output goes: the inbox's subfolders mirrored under ``export_dir``.
 
-        Never an existing file or a name another job has planned: a second
-        ``a.png`` from ``a.jpg`` becomes ``a-2.png``. A name planned by an
-        earlier attempt of this job is reused, so a crash after the write
-        leaves one file, not two.
+        A name planned by an earlier attempt of this job is reused, so a crash
+        after the write leaves one file, not two. Otherwise the first name that
+        :meth:`may_write` allows: ``a.png``, then ``a-2.png``...
         """
         if job.output_path:
             return Path(job.output_path)
@@ -319,15 +369,36 @@ class Engine:
         folder = self.settings.export_dir.joinpath(*relative.parent.parts)
         for n in range(1, 10_000):
             candidate = folder / f"{relative.stem}{'' if n == 1 else f'-{n}'}{suffix}"
-            if not os.path.lexists(candidate) and not self.store.output_taken(candidate, job.id):
+            if self.may_write(candidate, job):
                 return candidate
         raise MachineError(f"no free file name for {relative.stem}{suffix} in {folder}")
+
+    def may_write(self, candidate: Path, job: Job) -> bool:
+        """A free name, or the earlier output of this same source, as we wrote it.
+
+        Replacing that one keeps one current protected copy per original when
+        the settings or the original change, instead of a growing pile of
+        ``-2``, ``-3``. Never replaced: another source's output (``a.png`` from
+        ``a.jpg`` next to one from ``a.png``); an output whose original was
+        archived (a new file under the same name is another picture); a file
+        that is not what we wrote (the artist edited it, or put their own there).
+        """
+        holders = self.store.output_holders(candidate, job.id)
+        if any(other.source_path != job.source_path or other.archived_to for other in holders):
+            return False
+        try:
+            mode = os.lstat(candidate).st_mode
+        except FileNotFoundError:
+            return True  # free, or our earlier output that the artist deleted
+        except OSError:
+            return True  # the folder is unusable: _check_writable reports why
+        return stat.S_ISREG(mode) and file_sha256(candidate) in {other.output_sha256 for other in holders}
 
     def archive(self, job: Job) -> None:
         """``after = "archive"``: move the original out of the inbox, never over another file."""
         source = Path(job.source_path)
         try:
-            if _source_problem(source, job.sha256):
+            if _source_problem(source) or file_sha256(source) != job.sha256:
                 log.info("engine.not_archived", reason="the original changed or moved since it was queued")
                 return
             relative = PurePosixPath(job.relative_path)
@@ -338,22 +409,24 @@ class Engine:
             while os.path.lexists(target):
                 target = folder / f"{relative.stem}-{n}{relative.suffix}"
                 n += 1
+            # Recorded first: if we die mid-move, the worst case is a later file
+            # of this name getting a `-2` output instead of replacing this one's.
+            self.store.record_archive(job.id, target)
             shutil.move(source, target)  # a rename, or copy + delete across file systems
             log.info("engine.archived", to=str(target))
         except OSError as error:  # the protected copy is done; an archive failure only leaves the original in place
+            self.store.record_archive(job.id, None)
             log.warning("engine.archive_failed", error=str(error))
 
 
-def _source_problem(path: Path, sha256: str | None) -> str | None:
-    """Check the original again right before use: it may have changed since the watcher saw it."""
+def _source_problem(path: Path) -> str | None:
+    """Check the original again right before use: it may have been moved or swapped since the watcher saw it."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return f"{path} is gone: it was moved or deleted after it was queued"
     if not stat.S_ISREG(mode):  # swapped for a symlink or a FIFO since it was queued
         return f"{path} is no longer a regular file"
-    if file_sha256(path) != sha256:
-        return f"{path} changed after it was queued; its new content gets a job of its own"
     return None
 
 
@@ -407,10 +480,15 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
-def run_engine(settings: Settings, stop: threading.Event) -> int:
+def new_owner() -> str:
+    """A lease owner id, unique per engine process start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def run_engine(settings: Settings, stop: threading.Event, owner: str | None = None) -> int:
     """Run until ``stop`` is set; returns the exit status (0, or EX_CONFIG if the model cannot load)."""
     store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
     try:
-        return Engine(settings, store, stop).run()
+        return Engine(settings, store, stop, owner).run()
     finally:
         store.close()

@@ -13,6 +13,7 @@ import pytest
 
 from daemon.cli import build_parser
 from daemon.store import JobStore
+from engine.options import EngineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def test_retry_one_or_all_failed(env: dict[str, str], tmp_path: Path) -> None:
     store = JobStore(tmp_path / "state" / "jobs.db")
     for name in ("a.png", "b.png"):
         (tmp_path / "inbox" / name).write_bytes(name.encode())
-        store.enqueue(tmp_path / "inbox" / name, "fp")
+        store.enqueue(tmp_path / "inbox" / name, EngineOptions())
         job = store.claim("engine", 60)
         store.fail(job.id, "engine", "export folder unwritable", permanent=True)
 
@@ -70,7 +71,7 @@ def test_list_says_when_there_are_no_jobs(env: dict[str, str], tmp_path: Path) -
     assert fixative(env, "list").stdout == "no jobs yet\n"  # before the daemon ever ran
     store = JobStore(tmp_path / "state" / "jobs.db")
     (tmp_path / "inbox" / "a.png").write_bytes(b"a")
-    store.enqueue(tmp_path / "inbox" / "a.png", "fp")
+    store.enqueue(tmp_path / "inbox" / "a.png", EngineOptions())
     assert fixative(env, "list", "--state", "failed").stdout == "no failed jobs\n"
     assert json.loads(fixative(env, "list", "--json", "--state", "failed").stdout) == []
 
@@ -79,7 +80,7 @@ def test_a_newline_in_a_file_name_stays_on_its_job_line(env: dict[str, str], tmp
     store = JobStore(tmp_path / "state" / "jobs.db")
     for name in ("two\nlines.png", "plain.png"):
         (tmp_path / "inbox" / name).write_bytes(name.encode())
-        store.enqueue(tmp_path / "inbox" / name, "fp")
+        store.enqueue(tmp_path / "inbox" / name, EngineOptions())
     lines = fixative(env, "list").stdout.splitlines()
     assert len(lines) == 2 and lines[1].endswith("two\\nlines.png")
     assert json.loads(fixative(env, "list", "--json").stdout)[1]["source_path"].endswith("two\nlines.png")

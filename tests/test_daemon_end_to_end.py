@@ -187,7 +187,7 @@ def test_dropped_files_come_out_protected_and_bad_ones_are_reported(daemon: Daem
 
     report = daemon.status()
     assert report["up"] is True
-    assert report["counts"] == {"queued": 0, "running": 0, "done": 5, "failed": 5, "skipped": 0}
+    assert report["counts"] == {"queued": 0, "running": 0, "done": 5, "failed": 5, "skipped": 0, "superseded": 0}
     done = {Path(d["path"]).relative_to(inbox).as_posix(): d for d in report["latest_done"]}
     assert sorted(done) == sorted(good)
     for name, entry in done.items():
@@ -236,6 +236,61 @@ def test_a_restarted_daemon_does_new_arrivals_and_never_redoes_old_ones(daemon: 
     assert daemon.store.get(first.id).attempts == 1  # not protected a second time
     assert Path(first.output_path).stat().st_mtime_ns == output_stamp
     assert daemon.outputs() == ["before.png", "later/deep.png", "while-down.png"]
+
+
+def test_a_settings_change_re_protects_each_image_into_its_own_name(daemon: Daemon) -> None:
+    (daemon.inbox / "sub").mkdir()
+    for seed, name in enumerate(("a.png", "sub/b.png")):
+        (daemon.inbox / name).write_bytes(png_bytes(40 + seed))
+    daemon.start()
+    daemon.wait_for(lambda: daemon.store.counts()["done"] == 2, "the first protection")
+    assert daemon.stop() == 0
+
+    daemon.config.write_text(daemon.config.read_text().replace(f"steps = {STEPS}", f"steps = {STEPS + 1}"))
+    daemon.start()
+    daemon.wait_for(lambda: daemon.store.counts()["done"] == 4, "the protection with the new settings")
+    assert daemon.stop() == 0
+
+    # The current protected copy under the same name, not a pile of -2, -3; the history stays.
+    assert daemon.outputs() == ["a.png", "sub/b.png"]
+    for name in ("a.png", "sub/b.png"):
+        old, new = sorted(daemon.jobs_for(name), key=lambda job: job.id)
+        assert old.output_path == new.output_path == str(daemon.export / name)
+        assert (old.metrics["steps"], new.metrics["steps"]) == (STEPS, STEPS + 1)
+        assert hashlib.sha256((daemon.export / name).read_bytes()).hexdigest() == new.output_sha256
+
+
+def test_a_file_that_changes_after_it_was_queued_is_queued_again_not_failed(daemon: Daemon) -> None:
+    daemon.start()
+    # A slow copy that pauses longer than the settle time (0.5 s): each pause queues what is there so far.
+    content = png_bytes(51)
+    third = len(content) // 3 + 1
+    with open(daemon.inbox / "slow.png", "wb") as f:
+        for i in range(0, len(content), third):
+            f.write(content[i : i + third])
+            f.flush()
+            time.sleep(2.0)
+
+    def protected() -> bool:
+        jobs = daemon.jobs_for("slow.png")
+        return any(job.state == "done" for job in jobs) and not any(j.state in ("queued", "running") for j in jobs)
+
+    daemon.wait_for(protected, "the complete file's protection")
+    jobs = daemon.jobs_for("slow.png")
+    current = [job for job in jobs if job.sha256 == hashlib.sha256(content).hexdigest()]
+    assert [job.state for job in current] == ["done"]
+    stale = [job for job in jobs if job not in current]
+    assert stale and {job.state for job in stale} == {"superseded"}, [(j.state, j.error) for j in stale]
+    # Superseded by the watcher's next job for the path, or by the engine finding the file changed.
+    assert all("superseded by #" in job.error or "changed after it was queued" in job.error for job in stale)
+
+    report = daemon.status()
+    assert report["failures"] == [] and report["counts"]["failed"] == 0
+    retry = subprocess.run([sys.executable, "-m", "daemon.cli", "retry", "--failed"], env=daemon.env, cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert "queued again: 0 job(s)" in retry.stdout
+    assert daemon.stop() == 0
+    assert daemon.outputs() == ["slow.png"]
 
 
 def _make_unwritable(export: Path) -> tuple[Callable[[], None], str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from daemon.settings import load_settings
 from daemon.store import JobStore
 from conftest import painting
 
@@ -89,7 +90,7 @@ def test_engine_reports_ready_protects_and_obeys_sigterm(daemon_env, systemd) ->
     original = save_painting(root / "inbox" / "sub" / "a.png", seed=1)
     (root / "inbox" / "bad.png").write_bytes(b"not an image")
     for name in ("sub/a.png", "bad.png"):
-        store.enqueue(root / "inbox" / name, "ignored-by-the-engine", inbox=root / "inbox")
+        store.enqueue(root / "inbox" / name, load_settings(root / "config.toml").engine, inbox=root / "inbox")
 
     engine = start(env, "engine")
     try:
@@ -108,11 +109,32 @@ def test_engine_reports_ready_protects_and_obeys_sigterm(daemon_env, systemd) ->
     assert store.processes()["engine"]["status"] == "stopped"
 
 
+def test_a_job_is_protected_with_the_settings_it_was_queued_with(daemon_env) -> None:
+    env, root = daemon_env
+    config = root / "config.toml"
+    save_painting(root / "inbox" / "a.png", seed=4)
+    fixative = [sys.executable, "-m", "daemon.cli"]
+    subprocess.run([*fixative, "enqueue", str(root / "inbox" / "a.png")], env=env, cwd=REPO, check=True)
+    # The artist edits the settings while the job waits; the engine (re)starts after that.
+    config.write_text(config.read_text().replace("steps = 4", "steps = 2\nstrength = 16"))
+    store = JobStore(root / "state" / "jobs.db")
+    engine = start(env, "engine")
+    try:
+        wait_for(lambda: store.counts()["done"] == 1, "the job")
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=60) == 0
+    finally:
+        engine.kill()
+    report = store.jobs("done")[0].metrics
+    assert (report["steps"], report["strength"]) == (4, 8)  # as queued: the fingerprint describes the output
+
+
 def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, systemd) -> None:
     env, root = daemon_env
     # Long enough jobs (a few seconds) to be caught mid-way: progress reaches
     # the table with each heartbeat (0.5 s), and 4 steps take 0.2 s on an idle CPU.
-    env = {**env, "FIXATIVE_ENGINE__STEPS": "60"}
+    # The default 300 s lease: the dead engine's job must not wait for it to expire.
+    env = {**env, "FIXATIVE_ENGINE__STEPS": "60", "FIXATIVE_WORKER__LEASE_SECONDS": "300"}
     store = JobStore(root / "state" / "jobs.db")
     daemon = start(env, "run")
     try:
@@ -123,7 +145,16 @@ def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, syst
         victim = store.processes()["engine"]["pid"]
         os.kill(victim, signal.SIGKILL)  # the OOM killer, a driver crash...
 
-        # The supervisor restarts the engine; the dead one's lease expires and the job is redone.
+        # The supervisor puts the dead engine's job back at once (before it restarts the engine, 5 s later)...
+        wait_for(lambda: store.get(running.id).state == "queued", "the job back in the queue", timeout=20)
+        status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json"], env=env, cwd=REPO,
+                                capture_output=True, text=True)
+        report = json.loads(status.stdout)
+        assert report["running"] is None and report["counts"]["running"] == 0
+        assert "the engine died while working on it (killed by SIGKILL)" in report["failures"][0]["error"]
+        assert store.get(running.id).attempts == 1  # counted: an image that kills the engine must end
+
+        # ...and the restarted engine redoes it.
         wait_for(lambda: store.counts()["done"] == 2, "both images protected after the restart")
         assert store.processes()["engine"]["pid"] != victim
         assert store.get(running.id).attempts == 2

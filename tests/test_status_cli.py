@@ -13,6 +13,7 @@ import pytest
 
 from daemon.status import EXIT_DAEMON_DOWN
 from daemon.store import JobStore
+from engine.options import EngineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def test_never_started_daemon_is_down_and_creates_nothing(env: dict[str, str], t
     done = fixative(env, "status", "--json")
     assert done.returncode == EXIT_DAEMON_DOWN, done.stderr
     report = json.loads(done.stdout)
-    assert report["counts"] == {"queued": 0, "running": 0, "done": 0, "failed": 0, "skipped": 0}
+    assert report["counts"] == {"queued": 0, "running": 0, "done": 0, "failed": 0, "skipped": 0, "superseded": 0}
     assert report["running"] is None and report["failures"] == [] and report["up"] is False
     assert not (tmp_path / "state").exists()
     assert "DOWN" in fixative(env, "status").stdout
@@ -44,7 +45,7 @@ def test_status_reports_progress_failures_and_liveness(env: dict[str, str], tmp_
     store = JobStore(tmp_path / "state" / "jobs.db")
     for name in ("a.png", "b.png", "bad.png"):
         (tmp_path / "inbox" / name).write_bytes(name.encode())
-        store.enqueue(tmp_path / "inbox" / name, "fp", inbox=tmp_path / "inbox")
+        store.enqueue(tmp_path / "inbox" / name, EngineOptions(), inbox=tmp_path / "inbox")
     bad = store.claim("engine", 60)
     store.fail(bad.id, "engine", "not an image: cannot identify image file", permanent=True)
     job = store.claim("engine", 60)
@@ -56,7 +57,7 @@ def test_status_reports_progress_failures_and_liveness(env: dict[str, str], tmp_
     done = fixative(env, "status", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["counts"] == {"queued": 1, "running": 1, "done": 0, "failed": 1, "skipped": 0}
+    assert report["counts"] == {"queued": 1, "running": 1, "done": 0, "failed": 1, "skipped": 0, "superseded": 0}
     running = report["running"]
     assert running["path"] == str(tmp_path / "inbox" / "b.png")
     assert (running["step"], running["total"], running["percent"]) == (20, 100, 20.0)

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from daemon.store import MIGRATIONS, STATES, JobStore
+from engine.options import EngineOptions
+
+OPTIONS = EngineOptions()
 
 
 @pytest.fixture
@@ -39,31 +42,86 @@ def test_schema_is_versioned_and_wal(store: JobStore, tmp_path: Path) -> None:
 
 def test_enqueue_is_idempotent_per_path(store: JobStore, inbox: Path) -> None:
     path = drop(inbox, "sub/a.png")
-    first = store.enqueue(path, "fp", inbox=inbox)
+    first = store.enqueue(path, OPTIONS, inbox=inbox)
     assert first.state == "queued" and first.relative_path == "sub/a.png"
-    assert store.enqueue(path, "fp", inbox=inbox).id == first.id  # the watcher's rescan
+    assert store.enqueue(path, OPTIONS, inbox=inbox).id == first.id  # the watcher's rescan
     assert store.counts()["queued"] == 1
 
 
 def test_renamed_copy_is_skipped_and_shares_the_output(store: JobStore, inbox: Path) -> None:
-    original = store.enqueue(drop(inbox, "a.png"), "fp", inbox=inbox)
-    copy = store.enqueue(drop(inbox, "copy of a.png"), "fp", inbox=inbox)
+    original = store.enqueue(drop(inbox, "a.png"), OPTIONS, inbox=inbox)
+    copy = store.enqueue(drop(inbox, "copy of a.png"), OPTIONS, inbox=inbox)
     assert copy.state == "skipped" and copy.duplicate_of == original.id
-    assert store.enqueue(inbox / "copy of a.png", "fp", inbox=inbox).id == copy.id  # no second skipped row
+    assert store.enqueue(inbox / "copy of a.png", OPTIONS, inbox=inbox).id == copy.id  # no second skipped row
 
     job = store.claim("engine-1", 60)
     assert store.finish(job.id, "engine-1", "/export/a.png", {"psnr": 40.0})
     assert store.get(copy.id).output_path == "/export/a.png"
-    assert store.enqueue(drop(inbox, "third.png"), "fp").output_path == "/export/a.png"
+    assert store.enqueue(drop(inbox, "third.png"), OPTIONS).output_path == "/export/a.png"
 
 
-def test_changed_content_or_settings_make_new_jobs(store: JobStore, inbox: Path) -> None:
+def test_changed_content_or_settings_make_new_jobs_that_supersede_the_old(store: JobStore, inbox: Path) -> None:
     path = drop(inbox, "a.png", b"v1")
-    first = store.enqueue(path, "fp")
-    assert store.enqueue(path, "other-settings").state == "queued"
+    first = store.enqueue(path, OPTIONS)
+    other_settings = store.enqueue(path, EngineOptions(steps=5))
+    assert other_settings.state == "queued" and other_settings.options["steps"] == 5
     drop(inbox, "a.png", b"v2")
-    assert store.enqueue(path, "fp").id != first.id
-    assert store.counts()["queued"] == 3
+    latest = store.enqueue(path, OPTIONS)
+    assert latest.id not in (first.id, other_settings.id)
+    # One current job per path; the stale ones are history, not failures, and not retried.
+    assert store.counts() == dict.fromkeys(STATES, 0) | {"queued": 1, "superseded": 2}
+    assert store.get(first.id).error.startswith(f"superseded by #{other_settings.id}")
+    assert store.failures() == [] and store.retry(all_failed=True) == 0
+    assert store.enqueue(path, OPTIONS).id == latest.id  # rescans stay idempotent
+
+
+def test_a_superseded_jobs_copies_take_it_over(store: JobStore, inbox: Path) -> None:
+    a = store.enqueue(drop(inbox, "a.png", b"same"), OPTIONS)
+    copy = store.enqueue(drop(inbox, "copy.png", b"same"), OPTIONS)
+    other = store.enqueue(drop(inbox, "other copy.png", b"same"), OPTIONS)
+    assert (copy.state, other.state) == ("skipped", "skipped")
+    store.enqueue(drop(inbox, "a.png", b"edited"), OPTIONS)  # a.png changed before it was protected
+    # Nobody else would protect copy.png's content now.
+    copy, other = store.get(copy.id), store.get(other.id)
+    assert (copy.state, copy.duplicate_of) == ("queued", None)
+    assert (other.state, other.duplicate_of) == ("skipped", copy.id)
+    assert (store.get(a.id).state, store.get(a.id).duplicate_of) == ("superseded", copy.id)
+
+
+def test_content_that_comes_back_is_queued_again(store: JobStore, inbox: Path) -> None:
+    path = drop(inbox, "a.png", b"v1")
+    v1 = store.enqueue(path, OPTIONS)
+    drop(inbox, "a.png", b"v2")
+    store.enqueue(path, OPTIONS)
+    drop(inbox, "a.png", b"v1")  # undo in the editor, before v1 was protected
+    assert store.enqueue(path, OPTIONS).id == v1.id
+    assert store.get(v1.id).state == "queued" and store.counts()["superseded"] == 1
+
+    # Done, then replaced by v2's output, then back: v1 needs its output again.
+    store.finish(store.claim("e1", 60).id, "e1", "/export/a.png", {})
+    drop(inbox, "a.png", b"v2")
+    v2 = store.enqueue(path, OPTIONS)
+    store.finish(store.claim("e2", 60).id, "e2", "/export/a.png", {})
+    drop(inbox, "a.png", b"v1")
+    assert store.enqueue(path, OPTIONS).id == v1.id and store.get(v1.id).state == "queued"
+    assert store.get(v2.id).state == "done"  # its history stays
+
+
+def test_an_old_database_is_migrated_with_its_jobs(tmp_path: Path, inbox: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:2], start=1):
+        old.executescript(script)
+        old.execute(f"PRAGMA user_version = {number}")
+    old.execute("""INSERT INTO jobs (source_path, relative_path, sha256, fingerprint, state, created_at, updated_at)
+                   VALUES ('/inbox/a.png', 'a.png', 'abc', 'fp', 'queued', 1, 1)""")
+    old.close()
+    store = JobStore(tmp_path / "jobs.db")
+    job = store.claim("engine", 60)
+    assert (job.source_path, job.options, job.state) == ("/inbox/a.png", None, "running")
+    store.supersede(job.id, "engine", "changed")
+    assert store.counts()["superseded"] == 1
 
 
 def test_refusals_are_recorded_once(store: JobStore, inbox: Path) -> None:
@@ -75,7 +133,7 @@ def test_refusals_are_recorded_once(store: JobStore, inbox: Path) -> None:
 
 
 def test_claim_finish_and_progress(store: JobStore, inbox: Path) -> None:
-    queued = store.enqueue(drop(inbox, "a.png"), "fp")
+    queued = store.enqueue(drop(inbox, "a.png"), OPTIONS)
     job = store.claim("engine-1", 60)
     assert (job.id, job.state, job.attempts, job.owner) == (queued.id, "running", 1, "engine-1")
     assert store.claim("engine-2", 60) is None
@@ -88,7 +146,7 @@ def test_claim_finish_and_progress(store: JobStore, inbox: Path) -> None:
 
 
 def test_expired_lease_is_requeued_and_the_old_owner_is_locked_out(store: JobStore, inbox: Path) -> None:
-    store.enqueue(drop(inbox, "a.png"), "fp")
+    store.enqueue(drop(inbox, "a.png"), OPTIONS)
     lost = store.claim("killed-engine", lease_seconds=-1)  # already expired: the engine died
     job = store.claim("new-engine", 60)
     assert job.id == lost.id and job.attempts == 2
@@ -101,7 +159,7 @@ def test_expired_lease_is_requeued_and_the_old_owner_is_locked_out(store: JobSto
 
 
 def test_poison_job_fails_after_max_attempts(store: JobStore, inbox: Path) -> None:
-    store.enqueue(drop(inbox, "poison.png"), "fp")
+    store.enqueue(drop(inbox, "poison.png"), OPTIONS)
     for _ in range(3):
         assert store.claim("engine", lease_seconds=-1) is not None  # engine crashes every time
     assert store.claim("engine", 60) is None
@@ -111,7 +169,7 @@ def test_poison_job_fails_after_max_attempts(store: JobStore, inbox: Path) -> No
 
 
 def test_transient_failure_retries_after_backoff(store: JobStore, inbox: Path) -> None:
-    store.enqueue(drop(inbox, "a.png"), "fp")
+    store.enqueue(drop(inbox, "a.png"), OPTIONS)
     job = store.claim("engine", 60)
     assert store.fail(job.id, "engine", "CUDA out of memory", permanent=False, retry_after_seconds=0.3)
     assert store.get(job.id).state == "queued"
@@ -127,8 +185,8 @@ def test_transient_failure_retries_after_backoff(store: JobStore, inbox: Path) -
 
 
 def test_permanent_failure_and_retry(store: JobStore, inbox: Path) -> None:
-    a = store.enqueue(drop(inbox, "a.png", b"a"), "fp")
-    b = store.enqueue(drop(inbox, "b.png", b"b"), "fp")
+    a = store.enqueue(drop(inbox, "a.png", b"a"), OPTIONS)
+    b = store.enqueue(drop(inbox, "b.png", b"b"), OPTIONS)
     for _ in range(2):
         job = store.claim("engine", 60)
         assert store.fail(job.id, "engine", "not an image", permanent=True)
@@ -141,7 +199,7 @@ def test_permanent_failure_and_retry(store: JobStore, inbox: Path) -> None:
 
 
 def test_release_does_not_count_the_attempt(store: JobStore, inbox: Path) -> None:
-    store.enqueue(drop(inbox, "a.png"), "fp")
+    store.enqueue(drop(inbox, "a.png"), OPTIONS)
     job = store.claim("engine", 60)
     assert store.release(job.id, "engine")
     assert store.get(job.id).attempts == 0
@@ -155,13 +213,26 @@ def test_release_does_not_count_the_attempt(store: JobStore, inbox: Path) -> Non
 
 
 def test_planned_output_is_reserved_for_its_job(store: JobStore, inbox: Path) -> None:
-    a = store.enqueue(drop(inbox, "a.png", b"a"), "fp")
-    b = store.enqueue(drop(inbox, "a.jpg", b"b"), "fp")
+    a = store.enqueue(drop(inbox, "a.png", b"a"), OPTIONS)
+    b = store.enqueue(drop(inbox, "a.jpg", b"b"), OPTIONS)
     job = store.claim("engine", lease_seconds=-1)
-    assert store.plan_output(job.id, "engine", "/export/a.png")
-    assert store.output_taken("/export/a.png", b.id) and not store.output_taken("/export/a.png", a.id)
+    assert store.plan_output(job.id, "engine", "/export/a.png", "cafe")
+    assert [(j.id, j.output_sha256) for j in store.output_holders("/export/a.png", b.id)] == [(a.id, "cafe")]
+    assert store.output_holders("/export/a.png", a.id) == []
     again = store.claim("engine", 60)  # the engine died after planning: its retry finds the plan
     assert again.id == a.id and again.output_path == "/export/a.png"
+
+
+def test_a_dead_engines_job_is_released_with_its_attempt_counted(store: JobStore, inbox: Path) -> None:
+    store.enqueue(drop(inbox, "a.png", b"a"), OPTIONS)
+    store.enqueue(drop(inbox, "b.png", b"b"), OPTIONS)
+    job = store.claim("dead-engine", 300)
+    assert not store.release_owner("another-engine", "died")
+    assert store.release_owner("dead-engine", "the engine died while working on it (killed by SIGKILL)")
+    released = store.get(job.id)
+    assert (released.state, released.owner, released.attempts) == ("queued", None, 1)
+    assert not store.heartbeat(job.id, "dead-engine", 60)  # locked out, should it still be alive
+    assert store.claim("new-engine", 60).id == job.id
 
 
 def test_counts_always_name_every_state(store: JobStore) -> None:
@@ -188,7 +259,7 @@ def _claim_all(db_path: str, owner: str, start, out) -> None:
 
 
 def test_two_processes_never_claim_the_same_job(store: JobStore, inbox: Path) -> None:
-    ids = {store.enqueue(drop(inbox, f"{i}.png", str(i).encode()), "fp").id for i in range(60)}
+    ids = {store.enqueue(drop(inbox, f"{i}.png", str(i).encode()), OPTIONS).id for i in range(60)}
     context = multiprocessing.get_context("spawn")  # nothing shared but the file
     start, out = context.Barrier(2), context.Queue()
     workers = [context.Process(target=_claim_all, args=(str(store.path), f"engine-{n}", start, out)) for n in range(2)]

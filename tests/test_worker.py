@@ -7,6 +7,7 @@ run in milliseconds. ``tests/test_engine_process.py`` runs the real thing.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import engine.model
 import engine.protect
 from daemon.settings import Settings
 from daemon.status import build_report, render
@@ -36,9 +38,21 @@ def store(settings: Settings) -> JobStore:
 
 
 @pytest.fixture
-def worker(settings: Settings, store: JobStore) -> Engine:
+def loads(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Replace the engine's load_model; lists the options of every load."""
+    loads: list = []
+
+    def fake(options):
+        loads.append(options)
+        return SimpleNamespace(device=torch.device("cpu"), options=options)
+
+    monkeypatch.setattr(engine.model, "load_model", fake)
+    return loads
+
+
+@pytest.fixture
+def worker(settings: Settings, store: JobStore, loads: list) -> Engine:
     engine = Engine(settings, store, threading.Event())
-    engine.model = SimpleNamespace(device=torch.device("cpu"))
     engine.rest = lambda seconds, status: None  # no real pauses in tests
     return engine
 
@@ -78,7 +92,7 @@ def test_outputs_mirror_subfolders_and_never_overwrite(worker, store, settings, 
     unrelated.write_bytes(b"the artist's own file")
     sources = [drop(settings, "sub/a.png", b"one"), drop(settings, "sub/a.jpg", b"two")]
     for source in sources:
-        store.enqueue(source, "fp", inbox=settings.inbox)
+        store.enqueue(source, settings.engine, inbox=settings.inbox)
 
     first, second = run_one(worker, store), run_one(worker, store)
     assert (first.state, second.state) == ("done", "done")
@@ -92,10 +106,10 @@ def test_outputs_mirror_subfolders_and_never_overwrite(worker, store, settings, 
 
 
 def test_a_crash_after_writing_leaves_one_output(worker, store, settings, protect) -> None:
-    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
     job = store.claim("engine-that-died", lease_seconds=-1)
     planned = settings.export_dir / "a.png"
-    store.plan_output(job.id, "engine-that-died", planned)
+    store.plan_output(job.id, "engine-that-died", planned, hashlib.sha256(b"protected one").hexdigest())
     planned.parent.mkdir()
     planned.write_bytes(b"written just before the crash")
     # And a temp file of an attempt killed before its rename (write_atomically's name pattern).
@@ -108,7 +122,7 @@ def test_a_crash_after_writing_leaves_one_output(worker, store, settings, protec
 
 def test_unusable_export_folder_keeps_the_job_and_its_attempts(worker, store, settings, protect) -> None:
     settings.export_dir.write_text("a file where the export folder should be")
-    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
 
     job = run_one(worker, store)
     assert (job.state, job.attempts) == ("queued", 0)
@@ -123,7 +137,7 @@ def test_unusable_export_folder_keeps_the_job_and_its_attempts(worker, store, se
 
 def test_each_kind_of_failure(worker, store, settings, protect) -> None:
     for name in ("bad.png", "oom.png", "bug.png"):
-        store.enqueue(drop(settings, name, name.encode()), "fp", inbox=settings.inbox)
+        store.enqueue(drop(settings, name, name.encode()), settings.engine, inbox=settings.inbox)
     protect += [BadImage("not an image"), torch.OutOfMemoryError("CUDA out of memory"), KeyError("surprise")]
 
     bad, oom, bug = (run_one(worker, store) for _ in range(3))
@@ -134,7 +148,7 @@ def test_each_kind_of_failure(worker, store, settings, protect) -> None:
 
 
 def test_stop_releases_a_long_job(worker, store, settings, protect, monkeypatch) -> None:
-    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
     monkeypatch.setattr("daemon.worker.FINISH_ON_STOP_SECONDS", -1)  # every job is "too long" to finish
     worker.stop.set()  # SIGTERM arrived
     job = run_one(worker, store)
@@ -143,20 +157,23 @@ def test_stop_releases_a_long_job(worker, store, settings, protect, monkeypatch)
 
 
 def test_stop_finishes_a_job_that_is_nearly_done(worker, store, settings, protect) -> None:
-    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
     worker.stop.set()
     assert run_one(worker, store).state == "done"
 
 
 def test_source_changed_or_replaced_since_queued(worker, store, settings, protect) -> None:
-    store.enqueue(drop(settings, "a.png", b"one"), "fp", inbox=settings.inbox)
-    store.enqueue(drop(settings, "b.png", b"two"), "fp", inbox=settings.inbox)
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
+    store.enqueue(drop(settings, "b.png", b"two"), settings.engine, inbox=settings.inbox)
     drop(settings, "a.png", b"edited")
     (settings.inbox / "b.png").unlink()
     (settings.inbox / "b.png").symlink_to("/etc/passwd")
 
     changed, replaced = run_one(worker, store), run_one(worker, store)
-    assert changed.state == "failed" and "changed after it was queued" in changed.error
+    # Not the image's fault: the new content gets a job of its own once it settles.
+    assert changed.state == "superseded" and "changed after it was queued" in changed.error
+    assert "the watcher queues its new content" in changed.error
+    assert [job.id for job in store.failures()] == [replaced.id]
     assert replaced.state == "failed" and "no longer a regular file" in replaced.error
 
 
@@ -164,7 +181,7 @@ def test_archive_moves_originals_without_overwriting(worker, store, settings, pr
     worker.settings = settings.model_copy(update={"after": "archive"})
     (settings.archive_dir / "sub").mkdir(parents=True)
     (settings.archive_dir / "sub" / "a.png").write_bytes(b"archived earlier")
-    store.enqueue(drop(settings, "sub/a.png", b"one"), "fp", inbox=settings.inbox)
+    store.enqueue(drop(settings, "sub/a.png", b"one"), settings.engine, inbox=settings.inbox)
 
     assert run_one(worker, store).state == "done"
     assert not (settings.inbox / "sub" / "a.png").exists()
@@ -179,3 +196,67 @@ def test_write_atomically_replaces_whole_files(tmp_path: Path) -> None:
     assert target.read_bytes() == b"second"
     assert oct(target.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_each_job_is_protected_with_the_settings_it_was_queued_with(worker, store, settings, protect, loads) -> None:
+    # The config file changed between enqueue and claim (see also tests/test_engine_process.py).
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine.model_copy(update={"format": "webp"}),
+                  inbox=settings.inbox)
+    store.enqueue(drop(settings, "b.png", b"two"), settings.engine.model_copy(update={"model": "/models/other"}),
+                  inbox=settings.inbox)
+    store.enqueue(drop(settings, "c.png", b"three"), settings.engine.model_copy(update={"model": "/models/other"}),
+                  inbox=settings.inbox)
+
+    a, b, c = (run_one(worker, store) for _ in range(3))
+    assert a.output_path == str(settings.export_dir / "a.webp")
+    assert [options.model for options in loads] == [settings.engine.model, "/models/other"]  # loaded once each
+    assert (b.state, c.state) == ("done", "done")
+
+
+def test_a_new_protection_of_the_same_source_replaces_its_earlier_output(worker, store, settings, protect) -> None:
+    export = settings.export_dir
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
+    store.enqueue(drop(settings, "a.jpg", b"jpeg"), settings.engine, inbox=settings.inbox)
+    first, jpeg = run_one(worker, store), run_one(worker, store)
+    assert (first.output_path, jpeg.output_path) == (str(export / "a.png"), str(export / "a-2.png"))
+
+    # New settings, then an edited original: each time, one current copy under the same name.
+    store.enqueue(settings.inbox / "a.png", settings.engine.model_copy(update={"steps": 7}), inbox=settings.inbox)
+    assert run_one(worker, store).output_path == str(export / "a.png")
+    store.enqueue(drop(settings, "a.png", b"two"), settings.engine, inbox=settings.inbox)
+    assert run_one(worker, store).output_path == str(export / "a.png")
+    assert (export / "a.png").read_bytes() == b"protected two"
+    assert sorted(p.name for p in export.iterdir()) == ["a-2.png", "a.png"]
+    assert store.get(first.id).state == "done"  # the history stays
+
+    # An output the artist retouched is theirs now; one they deleted is written again.
+    (export / "a.png").write_bytes(b"retouched by the artist")
+    (export / "a-2.png").unlink()
+    store.enqueue(drop(settings, "a.png", b"three"), settings.engine, inbox=settings.inbox)
+    store.enqueue(drop(settings, "a.jpg", b"jpeg 2"), settings.engine, inbox=settings.inbox)
+    assert run_one(worker, store).output_path == str(export / "a-3.png")  # a-2.png is a.jpg's
+    assert run_one(worker, store).output_path == str(export / "a-2.png")
+    assert (export / "a.png").read_bytes() == b"retouched by the artist"
+    assert (export / "a-2.png").read_bytes() == b"protected jpeg 2"
+
+
+def test_a_new_file_under_an_archived_ones_name_gets_its_own_output(worker, store, settings, protect) -> None:
+    worker.settings = settings.model_copy(update={"after": "archive"})
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
+    first = run_one(worker, store)
+    assert first.archived_to == str(settings.archive_dir / "a.png")
+    store.enqueue(drop(settings, "a.png", b"another picture"), settings.engine, inbox=settings.inbox)
+
+    assert run_one(worker, store).output_path == str(settings.export_dir / "a-2.png")
+    assert (settings.export_dir / "a.png").read_bytes() == b"protected one"
+
+
+def test_an_output_that_a_copy_shares_is_not_replaced(worker, store, settings, protect) -> None:
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
+    run_one(worker, store)
+    copy = store.enqueue(drop(settings, "copy.png", b"one"), settings.engine, inbox=settings.inbox)
+    assert copy.output_path == str(settings.export_dir / "a.png")
+    store.enqueue(drop(settings, "a.png", b"edited"), settings.engine, inbox=settings.inbox)
+
+    assert run_one(worker, store).output_path == str(settings.export_dir / "a-2.png")
+    assert (settings.export_dir / "a.png").read_bytes() == b"protected one"  # still copy.png's protected copy
