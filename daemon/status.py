@@ -19,9 +19,13 @@ from daemon.store import STATES, Job, JobStore
 # so a minute of silence means the process is gone.
 ALIVE_WITHIN_SECONDS = 60.0
 # A live process whose loop has not moved for this long is stuck (a hung GPU
-# driver). Generous: on a CPU, one step of full Stable Diffusion takes about a
-# minute and the engine's final measurements several more, with no step in between.
-STALLED_AFTER_SECONDS = 900.0
+# driver). The same figure as the unit's WatchdogSec (tests/test_systemd_unit.py
+# checks it): `fixative run` pings the watchdog only when the engine has moved
+# since the last ping, so systemd restarts a hung engine at the moment status
+# starts to call it STALLED. Long enough for the longest silence measured in a
+# healthy engine, on 2 CPU cores (bench/README.md, 768x512): 21 s per step, and
+# 268 s for the first step plus the report's figures, which report no progress.
+STALLED_AFTER_SECONDS = 600.0
 PROCESSES = ("watcher", "engine")
 # LSB's exit status for "program is not running", as `systemctl status` uses it.
 EXIT_DAEMON_DOWN = 3
@@ -87,7 +91,7 @@ def is_stalled(beat: dict[str, Any] | None) -> bool:
 
 
 def is_healthy(beat: dict[str, Any] | None) -> bool:
-    """Alive and moving: what `status` calls up, and what `fixative run` pings systemd's watchdog for."""
+    """Alive and moving: what `status` calls up."""
     return is_alive(beat) and not is_stalled(beat)
 
 

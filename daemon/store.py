@@ -588,11 +588,12 @@ class JobStore:
             )
 
     def processes(self) -> dict[str, dict[str, Any]]:
-        """``{name: {pid, status, beat_at, age_seconds, progress_age_seconds}}`` for every process that ever beat."""
+        """``{name: {pid, status, beat_at, progress_at, age_seconds, progress_age_seconds}}`` for every process that ever beat."""
         now = time.time()
         return {
             row["name"]: {
                 **{k: row[k] for k in ("pid", "status", "beat_at")},
+                "progress_at": row["progress_at"] or row["beat_at"],
                 "age_seconds": now - row["beat_at"],
                 "progress_age_seconds": now - (row["progress_at"] or row["beat_at"]),
             }

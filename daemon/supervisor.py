@@ -9,8 +9,9 @@ reason about for an artist.
 Only this process talks to systemd (``NotifyAccess=main``): the engine child
 gets no ``NOTIFY_SOCKET`` and reports through its heartbeat row in the job
 table, which this loop reads to send READY (once the model is loaded),
-STATUS (the engine's own line) and WATCHDOG (only while both the watcher and
-the engine beat and their loops have moved recently; see ``daemon.status``).
+STATUS (the engine's own line) and WATCHDOG (only when the engine's loop has
+moved since the last ping and the watcher beats, so that the unit's
+``WatchdogSec`` is the one stall limit; see ``daemon.status.STALLED_AFTER_SECONDS``).
 
 This process never imports torch.
 """
@@ -97,6 +98,7 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
     last_status = ""
     ping_every = watchdog_interval()
     next_ping = 0.0
+    pinged_progress = 0.0  # the engine's progress_at when we last pinged the watchdog
     try:
         while not stop.is_set():
             if not watcher.is_alive():
@@ -122,10 +124,16 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
                 if engine_beat["status"] != last_status:
                     last_status = engine_beat["status"]
                     notify(f"STATUS={last_status}")
-            healthy = disk_full or (engine_fresh and is_healthy(engine_beat) and is_healthy(beats.get("watcher")))
-            if ping_every and healthy and time.monotonic() >= next_ping:
+            # Ping for progress, not for time: had it pinged every WatchdogSec/2 while the
+            # engine counted as not stalled, a hang would be noticed after the stall
+            # limit *plus* WatchdogSec (25 minutes with 900 s and 600 s).
+            moved = (engine_fresh and engine_beat["progress_at"] > pinged_progress
+                     and is_healthy(beats.get("watcher")))
+            if ping_every and (moved or disk_full and time.monotonic() >= next_ping):
                 notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every
+                if moved:
+                    pinged_progress = engine_beat["progress_at"]
             stop.wait(TICK_SECONDS)
         return 0
     finally:

@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import configparser
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from daemon.lock import EXIT_ALREADY_RUNNING
 from daemon.settings import EX_CONFIG
+from daemon.status import STALLED_AFTER_SECONDS
+from test_daemon_end_to_end import Daemon
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "fixative.service"
 
 
-def test_unit_agrees_with_the_code() -> None:
+def unit_service() -> configparser.SectionProxy:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # systemd keys are case-sensitive
     unit.read(UNIT)
-    service = unit["Service"]
+    return unit["Service"]
+
+
+def test_unit_agrees_with_the_code() -> None:
+    service = unit_service()
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
     assert service["ExecStart"] == "%h/.local/bin/fixative run"
     assert set(service["RestartPreventExitStatus"].split()) == {str(EX_CONFIG), str(EXIT_ALREADY_RUNNING)}
@@ -40,3 +52,56 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
                           env={"XDG_RUNTIME_DIR": str(runtime), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     # It exits 0 on many mistakes (an unknown key, a bad value) and only warns on stderr.
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_the_watchdog_is_the_stall_limit() -> None:
+    # One limit: status calls the engine STALLED when systemd restarts it, not 15 minutes later.
+    assert float(unit_service()["WatchdogSec"]) == STALLED_AFTER_SECONDS
+
+
+def test_a_hung_engine_stops_the_watchdog_pings_at_once(tmp_path: Path, tiny_model: Path) -> None:
+    """`fixative run` under a fake systemd: pings flow while the engine moves, and stop when it hangs."""
+    watchdog_seconds = 4.0
+    folder = tempfile.mkdtemp(prefix="fx-", dir="/tmp")  # a socket path must fit in 108 bytes
+    address = os.path.join(folder, "notify")
+    pings: list[float] = []
+    messages: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(address)
+        listener.settimeout(0.2)
+
+        def listen() -> None:
+            while not done.is_set():
+                try:
+                    message = listener.recv(4096).decode()
+                except TimeoutError:
+                    continue
+                messages.append(message)
+                if "WATCHDOG=1" in message.split("\n"):
+                    pings.append(time.monotonic())
+
+        done = threading.Event()
+        thread = threading.Thread(target=listen, daemon=True)
+        thread.start()
+        daemon = Daemon(tmp_path, tiny_model, NOTIFY_SOCKET=address, WATCHDOG_USEC=str(int(watchdog_seconds * 1e6)))
+        try:
+            daemon.start()
+            engine = daemon.wait_for(lambda: (beat := daemon.beat("engine")) and beat["status"].startswith("idle")
+                                     and beat, "the engine to be ready")
+            daemon.wait_for(lambda: len(pings) >= 3, "watchdog pings while the engine idles")
+            os.kill(engine["pid"], signal.SIGSTOP)  # hung: no step, no heartbeat
+            hung_at = time.monotonic()
+            time.sleep(3 * watchdog_seconds)
+            # systemd fires WatchdogSec after the last ping: that must be about WatchdogSec after the
+            # hang (a heartbeat and a tick of slack), not after the stall limit on top of it.
+            assert pings[-1] < hung_at + 2.0, (pings[-1] - hung_at, messages[-5:])
+            os.kill(engine["pid"], signal.SIGCONT)
+            daemon.wait_for(lambda: pings[-1] > hung_at + 3 * watchdog_seconds, "the pings to resume")
+            assert daemon.stop() == 0
+        finally:
+            done.set()
+            thread.join()
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.process.kill()
+            daemon.store.close()
+            shutil.rmtree(folder)
