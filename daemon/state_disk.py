@@ -11,37 +11,21 @@ program), SQLite refuses every write to the job table and the store raises
 * nothing is lost: a file not yet queued is found by the rescan that follows
   the wait, and a finished job's result is written once there is space;
 * ``fixative status`` and systemd's STATUS line say why, from the free space
-  itself, since no heartbeat can be recorded meanwhile.
+  itself (:func:`daemon.status.looks_full`), since no heartbeat can be recorded meanwhile.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import structlog
 
+from daemon.status import free_bytes
 from daemon.store import StateDiskFull
 
 log = structlog.get_logger()
 
 RETRY_SECONDS = 5.0
-# What `fixative status` calls full. SQLite needs a few pages per write; with
-# less than this left for this user (statvfs f_bavail), writes are failing or
-# about to.
-FULL_BELOW_BYTES = 1 << 20
-
-
-def free_bytes(state_dir: Path) -> int:
-    folder = state_dir
-    while not folder.exists():  # not created yet: the disk it will be on
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-def looks_full(state_dir: Path) -> bool:
-    return free_bytes(state_dir) < FULL_BELOW_BYTES
 
 
 class Pause:

@@ -8,11 +8,12 @@ terminal, a script or a cron job, and cannot hang on a stuck daemon.
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from daemon.settings import Settings
-from daemon.state_disk import free_bytes, looks_full
 from daemon.store import STATES, Job, JobStore
 
 # Both processes beat at least every 10 s (watcher 5 s, engine worker.heartbeat_seconds),
@@ -27,6 +28,9 @@ ALIVE_WITHIN_SECONDS = 60.0
 # 268 s for the first step plus the report's figures, which report no progress.
 STALLED_AFTER_SECONDS = 600.0
 PROCESSES = ("watcher", "engine")
+# What status calls a full state disk. SQLite needs a few pages per write; with
+# less than this left for this user (statvfs f_bavail), writes are failing or about to.
+FULL_BELOW_BYTES = 1 << 20
 # LSB's exit status for "program is not running", as `systemctl status` uses it.
 EXIT_DAEMON_DOWN = 3
 
@@ -80,6 +84,17 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
     finally:
         store.close()
     return report
+
+
+def free_bytes(state_dir: Path) -> int:
+    folder = state_dir
+    while not folder.exists():  # not created yet: the disk it will be on
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def looks_full(state_dir: Path) -> bool:
+    return free_bytes(state_dir) < FULL_BELOW_BYTES
 
 
 def is_alive(beat: dict[str, Any] | None) -> bool:

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database
 
 from engine.options import EngineOptions
 
@@ -213,6 +212,10 @@ class JobStore:
         # behind our back; we open BEGIN IMMEDIATE ourselves. timeout=30 is the
         # busy timeout that lets the watcher and the engine wait for each other.
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        # Imported here, not at the top: sqlite-utils imports numpy (0.1-0.3 s), and
+        # `fixative --help`, protect and doctor need STATES but never open the table.
+        from sqlite_utils import Database
+
         self.db = Database(conn)
         # The engine's heartbeat thread shares this connection with its main loop.
         self._lock = threading.RLock()

@@ -31,8 +31,7 @@ import structlog
 from daemon.inbox_filter import WatcherConfigError
 from daemon.notify import notify, watchdog_interval
 from daemon.settings import EX_CONFIG, Settings
-from daemon.state_disk import looks_full
-from daemon.status import is_alive, is_healthy
+from daemon.status import is_alive, is_healthy, looks_full
 from daemon.store import JobStore, StateDiskFull
 from daemon.worker import LOADING_STATUS, new_owner
 
