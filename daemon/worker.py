@@ -7,9 +7,11 @@ failure means:
 
 * the image's fault, for good (``EngineError.permanent``: not an image, a
   decompression bomb...): the job fails at once, with the engine's message;
-* the image's fault, maybe not for good (GPU out of memory for this size, an
-  unexpected exception): retried after a growing backoff, and failed after
-  ``max_attempts``, so a poison image cannot loop forever;
+* the image's fault, maybe not for good (an unexpected exception): retried
+  after a growing backoff, and failed after ``max_attempts``, so a poison
+  image cannot loop forever;
+* out of memory: retried once (another program may have held the memory),
+  and failed for good with the reason if it runs out again;
 * the machine's fault (export folder unwritable, disk full): the job goes back
   to the queue *without* using an attempt, the reason is shown by
   ``fixative status``, and the engine pauses before claiming again. Once the
@@ -26,7 +28,9 @@ A background :class:`_Pulse` thread renews the lease, records progress and
 tells systemd we are alive, but only while the main loop really advances: a
 hung GPU driver must look dead, not busy.
 
-Importing this module does not import torch; :func:`run_engine` does.
+Importing this module does not import torch; :func:`run_engine` does, through
+the engine. The worker itself never touches torch: the engine turns running
+out of memory into ``engine.errors.OutOfMemory`` and empties the GPU's cache.
 """
 
 from __future__ import annotations
@@ -233,9 +237,7 @@ class Engine:
 
     def handle(self, job: Job) -> None:
         """Protect one claimed job and record how it ended. Never raises for a job's own failure."""
-        import torch
-
-        from engine.errors import EngineError
+        from engine.errors import EngineError, OutOfMemory
 
         started = time.monotonic()
         try:
@@ -250,6 +252,10 @@ class Engine:
             return
         except StateDiskFull:
             raise  # not the image's fault: run() waits for space
+        except OutOfMemory as error:
+            # Issue 9: a 100-megapixel image that ran out of memory was retried, and blocked the queue, max_attempts times.
+            self.failed(job, str(error), permanent=job.attempts > 1)
+            return
         except EngineError as error:
             self.failed(job, str(error), permanent=error.permanent)
             return
@@ -263,11 +269,6 @@ class Engine:
             log.warning("engine.machine_error", error=str(error), pause_seconds=self.pause_seconds)
             self.rest(self.pause_seconds, f"waiting {self.pause_seconds:.0f}s: {error}")
             self.pause_seconds = min(self.pause_seconds * 2, MAX_PAUSE_SECONDS)
-            return
-        except (torch.OutOfMemoryError, MemoryError) as error:
-            if self.model.device.type == "cuda":
-                torch.cuda.empty_cache()  # give the next (maybe smaller) image a clean GPU
-            self.failed(job, f"out of memory: {error}".splitlines()[0], permanent=False)
             return
         except Exception as error:  # a bug or a library failure: retried, but only max_attempts times
             log.exception("engine.unexpected_error")

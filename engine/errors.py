@@ -17,3 +17,13 @@ class ModelError(EngineError):
 
 class UnsupportedDevice(EngineError):
     """The device or dtype that was asked for is not available on this machine."""
+
+
+class OutOfMemory(EngineError):
+    """The image did not fit in memory on this device.
+
+    Not permanent by itself: another program may have held the memory. The
+    daemon retries once, and fails the job for good if it runs out again.
+    """
+
+    permanent = False

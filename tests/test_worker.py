@@ -7,6 +7,7 @@ run in milliseconds. ``tests/test_engine_process.py`` runs the real thing.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import threading
 from pathlib import Path
@@ -15,13 +16,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import daemon.worker
 import engine.model
 import engine.protect
 from daemon.settings import Settings
 from daemon.status import build_report, render
 from daemon.store import JobStore
 from daemon.worker import Engine, write_atomically
-from engine.errors import BadImage
+from engine.errors import BadImage, OutOfMemory
 from engine.protect import Protected
 
 
@@ -138,13 +140,31 @@ def test_unusable_export_folder_keeps_the_job_and_its_attempts(worker, store, se
 def test_each_kind_of_failure(worker, store, settings, protect) -> None:
     for name in ("bad.png", "oom.png", "bug.png"):
         store.enqueue(drop(settings, name, name.encode()), settings.engine, inbox=settings.inbox)
-    protect += [BadImage("not an image"), torch.OutOfMemoryError("CUDA out of memory"), KeyError("surprise")]
+    protect += [BadImage("not an image"), OutOfMemory("out of memory protecting..."), KeyError("surprise")]
 
     bad, oom, bug = (run_one(worker, store) for _ in range(3))
     assert (bad.state, bad.error) == ("failed", "not an image")
-    assert (oom.state, oom.attempts, oom.error) == ("queued", 1, "out of memory: CUDA out of memory")
+    assert (oom.state, oom.attempts, oom.error) == ("queued", 1, "out of memory protecting...")
     assert oom.not_before > oom.updated_at + 29  # backoff before the next attempt
     assert (bug.state, bug.error) == ("queued", "KeyError: 'surprise'")
+
+
+def test_out_of_memory_again_fails_for_good(worker, store, settings, protect) -> None:
+    """Issue 9: a 100-megapixel image ran out of memory after 10 minutes, and was retried, blocking the queue."""
+    store.enqueue(drop(settings, "huge.png", b"huge"), settings.engine, inbox=settings.inbox)
+    protect += [OutOfMemory("out of memory: once"), OutOfMemory("out of memory: again")]
+    assert run_one(worker, store).state == "queued"  # the memory may have been another program's
+    store.db.execute("UPDATE jobs SET not_before = NULL")  # skip the backoff
+    job = run_one(worker, store)
+    assert (job.state, job.attempts, job.error) == ("failed", 2, "out of memory: again")
+
+
+def test_the_worker_leaves_torch_to_the_engine() -> None:
+    """Out of memory arrives as the engine's own error; the daemon never imports torch, not even to catch it."""
+    tree = ast.parse(Path(daemon.worker.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert "torch" not in imported
 
 
 def test_stop_releases_a_long_job(worker, store, settings, protect, monkeypatch) -> None:
