@@ -15,15 +15,48 @@ working size and is carried to full resolution by bilinear upsampling. A
 bilinear upsample is a convex combination of delta's values, so it never
 leaves the budget. To make sure it survives the script's downscale, the attack
 optimises what the script will see: ``seen(delta) = down(up(delta))``.
+
+Nothing at full resolution is held whole in floating point: a 100-megapixel
+image is 1.2 GB per float32 copy, and the first version, which made several,
+peaked at 12.9 GB for 24 megapixels (issue 9). Both maps are separable, so
+``seen`` works one axis at a time, and the full-resolution ends
+(:meth:`Geometry.down_image`, :meth:`Geometry.perturb`) work a band of rows or
+columns at a time. Each gives the whole-image version's numbers to float32
+rounding (tests/test_large_images.py checks this).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+BAND_PIXELS = 1 << 19
+"""Pixels in one band of full-resolution work: 6 MB per float32 RGB copy, whatever the image size."""
+
+
+def bands(length: int, across: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` slices of ``length`` rows (or columns) that are ``across`` pixels wide, about BAND_PIXELS each."""
+    step = max(1, BAND_PIXELS // across)
+    for start in range(0, length, step):
+        yield start, min(start + step, length)
+
+
+def _up(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+def _down(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _to_unit(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 H x W x 3 -> float32 (1, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 @dataclass(frozen=True)
@@ -47,17 +80,63 @@ class Geometry:
         """Full resolution to working size, the way a training script downscales."""
         if not self.resized:
             return image
-        return F.interpolate(image, size=self.work, mode="bilinear", antialias=True, align_corners=False)
+        return _down(image, self.work)
 
     def up(self, delta: torch.Tensor) -> torch.Tensor:
         """Working size to full resolution (stays inside delta's range)."""
         if not self.resized:
             return delta
-        return F.interpolate(delta, size=self.full, mode="bilinear", align_corners=False)
+        return _up(delta, self.full)
 
     def seen(self, delta: torch.Tensor) -> torch.Tensor:
-        """The perturbation as a fine-tuning script sees it after its downscale."""
-        return self.down(self.up(delta)) if self.resized else delta
+        """The perturbation as a fine-tuning script sees it after its downscale: ``down(up(delta))``.
+
+        One axis at a time (the maps are separable; an interpolation that keeps
+        a side's length leaves it exactly as it is), so the largest
+        intermediate is h x W or H x w, never H x W: PGD's memory does not grow
+        with the square of the image's size.
+        """
+        if not self.resized:
+            return delta
+        (height, width), (h, w) = self.full, self.work
+        across = _down(_up(delta, (h, width)), (h, w))
+        return _down(_up(across, (height, w)), (h, w))
+
+    def down_image(self, rgb: np.ndarray) -> torch.Tensor:
+        """uint8 H x W x 3 -> (1, 3, h, w) in [-1, 1] on the CPU: ``down`` of the whole image, in bands.
+
+        The downscale is separable, so bands of rows are narrowed first and the
+        narrow (3, H, w) image is then shortened: what ``down`` gives on the
+        whole image (to float32 rounding), without its float copy.
+        """
+        height, width = self.full
+        if not self.resized:
+            return _to_unit(rgb)
+        narrow = [_down(_to_unit(rgb[a:b]), (b - a, self.work[1])) for a, b in bands(height, width)]
+        return _down(torch.cat(narrow, dim=2), self.work)
+
+    def perturb(self, rgb: np.ndarray, delta: torch.Tensor, strength: float) -> np.ndarray:
+        """The protected uint8 image: ``rgb`` plus ``up(delta)`` in whole levels, within ``strength`` of ``rgb``.
+
+        Rounded, not truncated (truncating would bias every pixel down by half
+        a level), and clipped around the original's own values, so the saved
+        file, read back, is inside the budget exactly. Done in bands of columns
+        after widening delta to (h, W): the whole-image upsample's values to
+        float32 rounding.
+        """
+        height, width = self.full
+        wide = delta.detach().float().cpu()
+        if self.resized:
+            wide = _up(wide, (self.work[0], width))
+        out = np.empty_like(rgb)
+        for a, b in bands(width, height):
+            band = wide[..., a:b]
+            if self.resized:
+                band = _up(band, (height, b - a))
+            levels = torch.round(band * 127.5)[0].permute(1, 2, 0).clamp(-strength, strength)
+            original = torch.from_numpy(np.ascontiguousarray(rgb[:, a:b])).float()
+            out[:, a:b] = (original + levels).clamp(0, 255).round().to(torch.uint8).numpy()
+        return out
 
     def pad(self, image: torch.Tensor) -> torch.Tensor:
         bottom, right = self.padded[0] - self.work[0], self.padded[1] - self.work[1]

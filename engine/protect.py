@@ -13,10 +13,15 @@ The steps:
    clip it to the budget around the original's own 8-bit values, so the saved
    file is within ``strength`` levels of the original in every pixel;
 5. encode, read the encoded file back, and measure what was actually saved.
+
+Only step 3 and the protection figures run on the model's device, at the
+working size; everything at full resolution runs on the CPU a band at a time
+(``engine.geometry``), so a large image costs little more than its own bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from dataclasses import dataclass, field
@@ -27,6 +32,7 @@ import torch
 from PIL import Image
 
 from engine.attacks import ATTACKS
+from engine.errors import OutOfMemory
 from engine.geometry import Geometry
 from engine.imaging import LOSSY_FORMATS, OUTPUT_FORMATS, SourceImage, encode_image, read_image
 from engine.metrics import max_delta, protection_figures, psnr, ssim
@@ -48,24 +54,45 @@ def protect_file(path: Path, model: LoadedModel, options: EngineOptions, progres
     return protect_image(read_image(Path(path)), model, options, progress)
 
 
-def _to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 HxWx3 -> fp32 (1, 3, H, W) in [-1, 1]."""
-    return torch.tensor(rgb, device=device).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
 def _decode_rgb(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         return np.array(image.convert("RGB"))
 
 
+def _out_of_memory_is_an_engine_error(protect):
+    """Turn torch's and numpy's ways of running out of memory into :class:`OutOfMemory`.
+
+    So that callers (the daemon's worker) need not import torch to recognise
+    it, and so that the GPU's cache is emptied for the next image here, where
+    the tensors live. The cache is emptied after the except block, once the
+    failed frames, and the tensors they hold, are released.
+    """
+
+    @functools.wraps(protect)
+    def protect_or_explain(source, model, options, progress=None):
+        try:
+            return protect(source, model, options, progress)
+        except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            # The CPU allocator's failure is a plain RuntimeError: only its message tells.
+            if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(error):
+                raise
+            reason = str(error).splitlines()[0].split("DefaultCPUAllocator: ")[-1]  # after "[enforce fail at ...]"
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        height, width = source.rgb.shape[:2]
+        raise OutOfMemory(f"out of memory protecting this {width}x{height} image on {model.device}: {reason}")
+
+    return protect_or_explain
+
+
+@_out_of_memory_is_an_engine_error
 def protect_image(
     source: SourceImage, model: LoadedModel, options: EngineOptions, progress: Progress | None = None
 ) -> Protected:
     started = time.perf_counter()
     height, width = source.rgb.shape[:2]
     geometry = Geometry.plan(height, width, model.resolution, model.size_multiple)
-    x_full = _to_tensor(source.rgb, model.device)
-    x_work = geometry.down(x_full)
+    x_work = geometry.down_image(source.rgb).to(model.device)
 
     # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
     eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
@@ -75,18 +102,13 @@ def protect_image(
     delta = run_pgd(attack, x_work, geometry, eps, alpha, options.steps, generator, progress)
     pgd_seconds = time.perf_counter() - pgd_started
 
-    # Round to whole levels (truncating would bias every pixel down by half a
-    # level) and clip around the original's own values, so the file that is
-    # saved, read back, is inside the budget exactly.
-    levels = torch.round(geometry.up(delta) * 127.5)[0].permute(1, 2, 0)
-    original = torch.tensor(source.rgb, device=model.device, dtype=torch.float32)
-    budget = float(options.strength)
-    protected_rgb = (original + levels.clamp(-budget, budget)).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
+    protected_rgb = geometry.perturb(source.rgb, delta, float(options.strength))
     data = encode_image(protected_rgb, source, options.format, options.quality)
+    del protected_rgb  # the saved file, read back, is what gets measured
 
     saved = _decode_rgb(data)
     figures = protection_figures(
-        model, geometry.pad(x_work), geometry.pad(geometry.down(_to_tensor(saved, model.device)))
+        model, geometry.pad(x_work), geometry.pad(geometry.down_image(saved).to(model.device))
     )
     warnings = list(source.notes)
     if options.format in LOSSY_FORMATS:
