@@ -93,6 +93,7 @@ def measure(spec: dict) -> dict:
         else:
             model = load_model(options)
         model_rss = _proc_status("VmRSS")
+        _reset_peak()  # writing the large PNG above must not count as the model's
         work_height, work_width = Geometry.plan(height, width, model.resolution, model.size_multiple).work
         # The tiny model works at 128 px, under the smallest image accepted: enlarge, same working size.
         scale = math.ceil(MIN_SHORT_SIDE / min(work_height, work_width))

@@ -147,7 +147,9 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"last 24h: {day['done']} done{mean}, {day['failed']} failed, {day['skipped']} skipped as duplicates")
     if report["latest_done"]:
         lines.append("latest done:")
-        lines += [f"  #{d['id']} {printable(d['output'])}{_figures(d['metrics'])}" for d in report["latest_done"][:3]]
+        for done in report["latest_done"][:3]:
+            lines.append(f"  #{done['id']} {printable(done['output'])}{_figures(done['metrics'])}")
+            lines += [f"    warning: {printable(warning)}" for warning in done["metrics"].get("warnings", [])]
     if report["failures"]:
         lines.append("latest failures (fixative retry ID | --failed):")
         lines += [f"  #{f['id']} {printable(f['path'])}: {printable(f['error'])}"

@@ -194,6 +194,15 @@ def encode_image(rgb: np.ndarray, source: SourceImage, fmt: str = "png", quality
     return buf.getvalue()
 
 
+def read_back_rgb(data: bytes) -> np.ndarray:
+    """The RGB pixels of a file :func:`encode_image` wrote: what was saved, for the report to measure."""
+    with warnings.catch_warnings():
+        # Our own output, within MAX_PIXELS: Pillow's bomb warning (from 89 MP on) is noise here.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            return np.array(image.convert("RGB"))
+
+
 # --- helpers for read_image ------------------------------------------------------
 
 

@@ -22,19 +22,16 @@ working size; everything at full resolution runs on the CPU a band at a time
 from __future__ import annotations
 
 import functools
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from engine.attacks import ATTACKS
 from engine.errors import OutOfMemory
 from engine.geometry import Geometry
-from engine.imaging import LOSSY_FORMATS, OUTPUT_FORMATS, SourceImage, encode_image, read_image
+from engine.imaging import LOSSY_FORMATS, OUTPUT_FORMATS, SourceImage, encode_image, read_back_rgb, read_image
 from engine.metrics import max_delta, protection_figures, psnr, ssim
 from engine.model import LoadedModel
 from engine.options import EngineOptions
@@ -52,11 +49,6 @@ class Protected:
 def protect_file(path: Path, model: LoadedModel, options: EngineOptions, progress: Progress | None = None) -> Protected:
     """Read ``path`` and protect it. Raises ``engine.errors.BadImage`` for files we cannot protect."""
     return protect_image(read_image(Path(path)), model, options, progress)
-
-
-def _decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))
 
 
 def _out_of_memory_is_an_engine_error(protect):
@@ -106,11 +98,19 @@ def protect_image(
     data = encode_image(protected_rgb, source, options.format, options.quality)
     del protected_rgb  # the saved file, read back, is what gets measured
 
-    saved = _decode_rgb(data)
+    saved = read_back_rgb(data)
     figures = protection_figures(
         model, geometry.pad(x_work), geometry.pad(geometry.down_image(saved).to(model.device))
     )
     warnings = list(source.notes)
+    if min(geometry.work) < min(model.resolution, height, width) - 1:  # (- 1: the working size is rounded)
+        # Issue 9: a 6000x300 strip was worked at 1619x81 with no word. Tiling it at
+        # the scripts' scale would multiply the time by the number of tiles; say it instead.
+        warnings.append(
+            f"this long image was protected at {geometry.work[1]}x{geometry.work[0]}, coarser than the "
+            f"{model.resolution} px short side fine-tuning scripts train at, so its protection is weaker; "
+            "cut it into pieces at most twice as long as their short side, and protect those"
+        )
     if options.format in LOSSY_FORMATS:
         warnings.append(
             f"{options.format.upper()} output is lossy and washes out much of the perturbation; "

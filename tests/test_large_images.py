@@ -1,4 +1,4 @@
-"""Large images in bounded memory (issue 9): the banded full-resolution work gives today's numbers.
+"""Large images (issue 9): bounded memory with today's numbers, and long strips that say they are coarse.
 
 A 6000x4000 image peaked at 12.9 GB because SSIM, PSNR and the upsample ran on
 whole-image float copies; a 10000x10000 one ran out of memory. The oracles
@@ -18,10 +18,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import engine.geometry
 from engine.geometry import Geometry
 from engine.metrics import max_delta, psnr, ssim
+from engine.model import load_model
+from engine.options import EngineOptions
+from engine.protect import protect_file
 from conftest import painting
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,3 +143,17 @@ except OutOfMemory as error:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("OutOfMemory: out of memory protecting this 6000x8000 image on cpu: can't allocate"), done.stdout
+
+
+def test_a_long_strip_is_protected_coarsely_and_says_so(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 9: a 6000x300 strip was worked at 1619x81, far under the model's scale, without a word."""
+    model = load_model(EngineOptions(model=str(tiny_model), device="cpu", dtype="fp32"))
+    options = EngineOptions(model=str(tiny_model), device="cpu", dtype="fp32", steps=1)
+    for name, (height, width) in {"strip": (256, 2000), "two_to_one": (256, 512)}.items():
+        Image.fromarray(_image(height, width)).save(tmp_path / f"{name}.png")
+    strip = protect_file(tmp_path / "strip.png", model, options)
+    assert strip.report["working_size"] == [506, 65]  # the tiny model's scripts would see 1000x128
+    (warning,) = [w for w in strip.warnings if "long image" in w]
+    assert "506x65" in warning and "128 px" in warning and "twice as long" in warning
+    two_to_one = protect_file(tmp_path / "two_to_one.png", model, options)
+    assert two_to_one.report["working_size"] == [256, 128] and two_to_one.warnings == []

@@ -77,6 +77,17 @@ def test_status_reports_progress_failures_and_liveness(env: dict[str, str], tmp_
     assert json.loads(done.stdout)["processes"]["engine"]["alive"] is False
 
 
+def test_status_shows_the_warnings_of_recent_outputs(env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 9: a long strip protected coarsely said so only in its JSON report."""
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    (tmp_path / "inbox" / "strip.png").write_bytes(b"strip")
+    store.enqueue(tmp_path / "inbox" / "strip.png", EngineOptions(), inbox=tmp_path / "inbox")
+    job = store.claim("engine", 60)
+    warning = "this long image was protected at 1619x81, coarser than the 512 px short side ..."
+    store.finish(job.id, "engine", tmp_path / "export" / "strip.png", {"psnr": 40.0, "warnings": [warning]})
+    assert f"    warning: {warning}" in fixative(env, "status").stdout.splitlines()
+
+
 def test_status_never_imports_torch(env: dict[str, str], tmp_path: Path) -> None:
     JobStore(tmp_path / "state" / "jobs.db").beat("watcher")
     done = fixative(env, "status", "--json", python_flags=("-X", "importtime"))
