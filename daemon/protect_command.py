@@ -2,15 +2,23 @@
 
 ``protect`` starts from the ``[engine]`` table of the config file (so a model
 configured once for the daemon works here too) and lets flags override it.
-The model is loaded once for all the images. A bad image is reported and
-skipped; the exit code is 1 when any image failed, after doing the others.
+The model is loaded once for all the images, and only after the inputs and
+the output folder have been checked: loading takes most of a minute, and a
+typo should not cost that. A bad image is reported and skipped; the exit code
+is 1 when any image failed, after doing the others. No output ever replaces a
+file: ``good.png`` and ``good.jpg`` become ``good.protected.png`` and
+``good.protected-2.png``, and so does a second run beside the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from engine.options import STRENGTH_PRESETS
@@ -74,8 +82,34 @@ def _options(args: argparse.Namespace):
     return EngineOptions(**{**configured, **flags})
 
 
-def _output_path(image: Path, output_dir: Path | None, suffix: str) -> Path:
-    return (output_dir or image.parent) / f"{image.stem}.protected{suffix}"
+def _input_problem(image: Path) -> str | None:
+    """Why ``image`` cannot be read, from its path alone (the picture itself is checked when it is decoded)."""
+    try:
+        mode = image.stat().st_mode
+    except FileNotFoundError:
+        return f"{image}: no such file"
+    except OSError as error:
+        return f"{image}: cannot read it: {error.strerror or error}"
+    if stat.S_ISDIR(mode):
+        return f"{image}: is a folder; name the image files in it"
+    if not stat.S_ISREG(mode):
+        return f"{image}: not a regular file"
+    if not os.access(image, os.R_OK):
+        return f"{image}: no permission to read it"
+    return None
+
+
+def _output_paths(images: list[Path], output_dir: Path | None, suffix: str) -> Iterator[Path]:
+    """A distinct output for each image, none of them an existing file (the first free ``-N``)."""
+    taken: set[Path] = set()
+    for image in images:
+        folder = output_dir or image.parent
+        for n in itertools.count(1):
+            output = folder / f"{image.stem}.protected{'' if n == 1 else f'-{n}'}{suffix}"
+            if output not in taken and not os.path.lexists(output):
+                taken.add(output)
+                yield output
+                break
 
 
 def _print_report(image: Path, output: Path, report: dict, warnings: list[str]) -> None:
@@ -90,6 +124,16 @@ def _print_report(image: Path, output: Path, report: dict, warnings: list[str]) 
         print(f"  warning: {warning}")
 
 
+def _print_failure(args: argparse.Namespace, image: Path, error: str) -> None:
+    """One line per failed image: a JSON object in input order with --json, else a line on stderr."""
+    if not error.startswith(f"{image}: "):  # most messages name the file already
+        error = f"{image}: {error}"
+    if args.json:
+        print(json.dumps({"image": str(image), "error": error}), flush=True)
+    else:
+        print(f"failed: {error}", file=sys.stderr)
+
+
 def run_protect(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -99,6 +143,24 @@ def run_protect(args: argparse.Namespace) -> int:
         for problem in error.errors():
             print(f"fixative: --{problem['loc'][0]}: {problem['msg']}", file=sys.stderr)
         return EX_USAGE
+
+    if args.output_dir and args.output_dir.exists() and not args.output_dir.is_dir():
+        print(f"fixative: -o {args.output_dir} is a file; name a folder for the protected copies", file=sys.stderr)
+        return EX_USAGE
+    problems = [_input_problem(image) for image in args.images]
+    if all(problems):  # nothing to protect: do not spend a minute loading the model
+        for image, problem in zip(args.images, problems):
+            _print_failure(args, image, problem)
+        return EX_FAILED
+    if args.output_dir:
+        try:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(f"fixative: cannot create the output folder {args.output_dir}: {error.strerror or error}", file=sys.stderr)
+            return EX_FAILED
+    from engine.imaging import OUTPUT_FORMATS
+
+    outputs = list(_output_paths(args.images, args.output_dir, OUTPUT_FORMATS[options.format]))
 
     from tqdm import tqdm
 
@@ -112,11 +174,13 @@ def run_protect(args: argparse.Namespace) -> int:
     except EngineError as error:
         print(f"fixative: {error}", file=sys.stderr)
         return EX_FAILED
-    if args.output_dir:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
 
     failed = 0
-    for image in args.images:
+    for image, problem, output in zip(args.images, problems, outputs):
+        if problem:
+            failed += 1
+            _print_failure(args, image, problem)
+            continue
         with tqdm(total=options.steps, desc=image.name, unit="step", file=sys.stderr, leave=False) as bar:
 
             def progress(step: int, total: int, loss: float) -> None:
@@ -125,14 +189,19 @@ def run_protect(args: argparse.Namespace) -> int:
 
             try:
                 result = protect_file(image, model, options, progress)
-                output = _output_path(image, args.output_dir, result.suffix)
-                write_atomically(output, result.data)  # a full disk leaves no half-written copy
-            except (EngineError, OSError) as error:
+            except EngineError as error:
                 failed += 1
-                if args.json:
-                    print(json.dumps({"image": str(image), "error": str(error)}), flush=True)
-                else:
-                    print(f"{image}: failed: {error}", file=sys.stderr)
+                _print_failure(args, image, str(error))
+                continue
+            except OSError as error:  # it moved or lost its permissions since it was checked
+                failed += 1
+                _print_failure(args, image, f"cannot read it: {error.strerror or error}")
+                continue
+            try:
+                write_atomically(output, result.data)  # a full disk leaves no half-written copy
+            except OSError as error:
+                failed += 1
+                _print_failure(args, image, f"cannot write {output}: {error.strerror or error}")
                 continue
         if args.json:
             print(json.dumps({"image": str(image), "output": str(output), **result.report, "warnings": result.warnings}), flush=True)

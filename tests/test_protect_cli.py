@@ -163,3 +163,44 @@ def test_pickle_model_refused_and_bad_steps_are_usage_errors(env: dict[str, str]
     assert "steps" in zero.stderr
     assert "Traceback" not in zero.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_outputs_never_replace_a_file_nor_each_other(env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 9: good.png and good.jpg both wrote good.protected.png, the second over the first."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    png = write_painting(inputs / "good.png")
+    Image.fromarray(painting(256, 320, seed=6)).save(inputs / "good.jpg", quality=95)
+    (out / "good.protected.png").write_bytes(b"the artist's own file")
+
+    done = fixative(env, "protect", str(png), str(inputs / "good.jpg"), "-o", str(out), "--steps", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    outputs = [json.loads(line)["output"] for line in done.stdout.splitlines()]
+    assert outputs == [str(out / "good.protected-2.png"), str(out / "good.protected-3.png")]
+    assert (out / "good.protected.png").read_bytes() == b"the artist's own file"
+    with Image.open(outputs[0]) as first, Image.open(outputs[1]) as second:
+        assert not np.array_equal(np.array(first), np.array(second))  # one from each input
+
+
+def test_bad_arguments_are_explained_before_the_model_loads(env: dict[str, str], tmp_path: Path) -> None:
+    """A missing input or an -o that is a file: a clear line, no traceback, and no minute spent loading a model.
+
+    The model named does not exist: had it been loaded first, its error would show instead.
+    """
+    image = write_painting(tmp_path / "art.png")
+    no_model = ("--model", str(tmp_path / "no-such-model"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+
+    into_file = fixative(env, "protect", str(image), "-o", str(a_file), *no_model)
+    assert into_file.returncode == 2
+    assert into_file.stderr.strip() == f"fixative: -o {a_file} is a file; name a folder for the protected copies"
+    assert a_file.read_text() == "not a folder"
+
+    missing = fixative(env, "protect", str(tmp_path / "typo.png"), str(tmp_path), *no_model)
+    assert missing.returncode == 1
+    assert missing.stderr.splitlines() == [
+        f"failed: {tmp_path / 'typo.png'}: no such file",
+        f"failed: {tmp_path}: is a folder; name the image files in it",
+    ]
