@@ -11,7 +11,8 @@ Each size is measured in a fresh process, which:
    (1 step): its peak RSS is the model's own, weights plus the activations at
    that size;
 4. resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) and protects
-   the large PNG through ``engine.protect.protect_file``, as the daemon does.
+   the large PNG as the daemon does: the file's bytes, read once, through
+   ``engine.protect.protect_bytes``.
 
 ``extra`` = peak(large) - peak(working-size image): what full resolution
 costs (decoding, the downscale, the upsample and rounding, encoding, reading
@@ -79,7 +80,7 @@ def measure(spec: dict) -> dict:
     from engine.imaging import MIN_SHORT_SIDE
     from engine.model import load_model
     from engine.options import EngineOptions
-    from engine.protect import protect_file
+    from engine.protect import protect_bytes
 
     width, height = spec["size"]
     with tempfile.TemporaryDirectory(prefix="fixative-memory-") as folder:
@@ -99,13 +100,13 @@ def measure(spec: dict) -> dict:
         scale = math.ceil(MIN_SHORT_SIDE / min(work_height, work_width))
         small = Path(folder) / "work.png"
         _write_artwork(small, work_width * scale, work_height * scale)
-        protect_file(small, model, options)
+        protect_bytes(small.read_bytes(), small.name, model, options)
         model_peak = _proc_status("VmHWM")
 
         _reset_peak()
         started = time.perf_counter()
         try:
-            report, error = protect_file(large, model, options).report, None
+            report, error = protect_bytes(large.read_bytes(), large.name, model, options).report, None
         except Exception as failure:  # an OutOfMemory is a result here, not a crash
             report, error = {}, f"{type(failure).__name__}: {failure}"
         peak = _proc_status("VmHWM")

@@ -36,6 +36,7 @@ out of memory into ``engine.errors.OutOfMemory`` and empties the GPU's cache.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -57,6 +58,7 @@ from daemon.settings import EX_CONFIG, Settings
 from daemon.state_disk import RETRY_SECONDS, Pause
 from daemon.status import STALLED_AFTER_SECONDS
 from daemon.store import Job, JobStore, StateDiskFull, file_sha256
+from engine.errors import BadImage, EngineError, OutOfMemory  # plain exceptions: no torch
 from engine.options import EngineOptions
 
 log = structlog.get_logger()
@@ -170,7 +172,6 @@ class Engine:
 
     def run(self) -> int:
         from daemon.logs import adopt_library_loggers
-        from engine.errors import EngineError
 
         self.pulse.start()
         try:
@@ -237,8 +238,6 @@ class Engine:
 
     def handle(self, job: Job) -> None:
         """Protect one claimed job and record how it ended. Never raises for a job's own failure."""
-        from engine.errors import EngineError, OutOfMemory
-
         started = time.monotonic()
         try:
             output, metrics = self.protect(job)
@@ -316,15 +315,12 @@ class Engine:
                     retry_in_seconds=None if permanent else backoff)
 
     def protect(self, job: Job) -> tuple[Path, dict[str, Any]]:
-        from engine.errors import BadImage
         from engine.imaging import OUTPUT_FORMATS
-        from engine.protect import protect_file
+        from engine.protect import protect_bytes
 
         source = Path(job.source_path)
-        problem = _source_problem(source)
-        if problem:
-            raise BadImage(problem)
-        if file_sha256(source) != job.sha256:
+        data = _read_source(source)  # hashed and decoded as read: nothing can be swapped in between
+        if hashlib.sha256(data).hexdigest() != job.sha256:
             inbox = self.settings.inbox.resolve()
             then = ("the watcher queues its new content once it stops changing" if source.is_relative_to(inbox)
                     else "`fixative enqueue` it again to protect its new content")
@@ -333,7 +329,7 @@ class Engine:
         self.load(options)
         output = self.choose_output(job, OUTPUT_FORMATS[options.format])
         _check_writable(output.parent)  # before minutes of GPU time, not after
-        protected = protect_file(source, self.model, options, progress=self.on_progress)
+        protected = protect_bytes(data, str(source), self.model, options, progress=self.on_progress)
         output_sha256 = hashlib.sha256(protected.data).hexdigest()
         if not self.until_written(lambda: self.store.plan_output(job.id, self.owner, output, output_sha256)):
             self.pulse.lost.set()
@@ -399,8 +395,8 @@ class Engine:
         """``after = "archive"``: move the original out of the inbox, never over another file."""
         source = Path(job.source_path)
         try:
-            if _source_problem(source) or file_sha256(source) != job.sha256:
-                log.info("engine.not_archived", reason="the original changed or moved since it was queued")
+            if hashlib.sha256(_read_source(source)).hexdigest() != job.sha256:
+                log.info("engine.not_archived", reason="the original changed since it was queued")
                 return
             relative = PurePosixPath(job.relative_path)
             folder = self.settings.archive_dir.joinpath(*relative.parent.parts)
@@ -415,20 +411,36 @@ class Engine:
             self.store.record_archive(job.id, target)
             shutil.move(source, target)  # a rename, or copy + delete across file systems
             log.info("engine.archived", to=str(target))
+        except BadImage as error:
+            log.info("engine.not_archived", reason=str(error))
         except OSError as error:  # the protected copy is done; an archive failure only leaves the original in place
             self.store.record_archive(job.id, None)
             log.warning("engine.archive_failed", error=str(error))
 
 
-def _source_problem(path: Path) -> str | None:
-    """Check the original again right before use: it may have been moved or swapped since the watcher saw it."""
+def _read_source(path: Path) -> bytes:
+    """The original's bytes, read once through one descriptor; BadImage if it is no longer a regular file.
+
+    The watcher vetted the path when it queued it, but the file may have been
+    swapped since. O_NOFOLLOW refuses a symlink put in its place (it could
+    point outside the inbox), O_NONBLOCK keeps a FIFO from hanging the open,
+    and fstat judges the file that was opened, not whatever the path names a
+    moment later. Reading it whole lets the caller hash and decode the same
+    bytes: checking by path and then reading by path again (as this did
+    before) left a window to swap the file between the two.
+    """
     try:
-        mode = os.lstat(path).st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        return f"{path} is gone: it was moved or deleted after it was queued"
-    if not stat.S_ISREG(mode):  # swapped for a symlink or a FIFO since it was queued
-        return f"{path} is no longer a regular file"
-    return None
+        raise BadImage(f"{path} is gone: it was moved or deleted after it was queued") from None
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise BadImage(f"{path} is no longer a regular file: a symlink replaced it, and symlinks are not followed") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):  # swapped for a FIFO or a device since it was queued
+            raise BadImage(f"{path} is no longer a regular file")
+        return file.read()
 
 
 def _check_writable(folder: Path) -> None:

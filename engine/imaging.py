@@ -17,8 +17,11 @@ Decisions worth knowing:
 * **Decompression bombs** are refused by our own limit, ``MAX_PIXELS``, checked on
   the header size before any pixel is decoded. We do not touch Pillow's global
   ``Image.MAX_IMAGE_PIXELS`` (other code in the process may rely on it).
-* **Files are decoded completely inside read_image**, so a truncated download fails
+* **Files are decoded completely inside decode_image**, so a truncated download fails
   here, with the file's name, instead of halfway through a 10-minute attack.
+  :func:`decode_image` takes the file's bytes, so that the daemon can hash and decode
+  the very bytes it read once (no window in which the file can be swapped);
+  :func:`read_image` reads a path for the CLI.
   (This relies on Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` being left False.)
 * **Higher bit depths are rounded, not truncated**, to 8 bits: ``round(v / 257)``.
   Truncating shifts the whole image darker by up to one level. Exception: Pillow
@@ -96,17 +99,22 @@ class SourceImage:
 
 
 def read_image(path: Path) -> SourceImage:
-    """Decode ``path`` completely and return it as 8-bit RGB (+ alpha) with metadata.
+    """Read ``path`` and :func:`decode_image` it.
 
-    Raises BadImage, naming the file, for anything we cannot or will not protect:
-    empty, not an image, damaged, animated, too large, too small, unsupported mode.
+    Missing file, directory, no permission: the OSError propagates (not BadImage).
     """
-    path = Path(path)
-    name = str(path)
-    # Missing file, directory, no permission: the OSError propagates (not BadImage).
-    with path.open("rb") as fp:
-        if path.stat().st_size == 0:
-            raise BadImage(f"{name}: the file is empty (0 bytes).")
+    return decode_image(Path(path).read_bytes(), str(path))
+
+
+def decode_image(data: bytes, name: str) -> SourceImage:
+    """Decode a whole image file's bytes completely, as 8-bit RGB (+ alpha) with metadata.
+
+    Raises BadImage, naming the file (``name``), for anything we cannot or will not
+    protect: empty, not an image, damaged, animated, too large, too small, unsupported mode.
+    """
+    if not data:
+        raise BadImage(f"{name}: the file is empty (0 bytes).")
+    with io.BytesIO(data) as fp:
         img = _open(fp, name)
         notes: list[str] = []
         try:

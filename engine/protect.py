@@ -31,7 +31,15 @@ import torch
 from engine.attacks import ATTACKS
 from engine.errors import OutOfMemory
 from engine.geometry import Geometry
-from engine.imaging import LOSSY_FORMATS, OUTPUT_FORMATS, SourceImage, encode_image, read_back_rgb, read_image
+from engine.imaging import (
+    LOSSY_FORMATS,
+    OUTPUT_FORMATS,
+    SourceImage,
+    decode_image,
+    encode_image,
+    read_back_rgb,
+    read_image,
+)
 from engine.metrics import max_delta, protection_figures, psnr, ssim
 from engine.model import LoadedModel
 from engine.options import EngineOptions
@@ -49,6 +57,13 @@ class Protected:
 def protect_file(path: Path, model: LoadedModel, options: EngineOptions, progress: Progress | None = None) -> Protected:
     """Read ``path`` and protect it. Raises ``engine.errors.BadImage`` for files we cannot protect."""
     return protect_image(read_image(Path(path)), model, options, progress)
+
+
+def protect_bytes(
+    data: bytes, name: str, model: LoadedModel, options: EngineOptions, progress: Progress | None = None
+) -> Protected:
+    """Protect an image file's bytes (``name`` is for messages). The daemon hashes and decodes the same bytes."""
+    return protect_image(decode_image(data, name), model, options, progress)
 
 
 def _out_of_memory_is_an_engine_error(protect):

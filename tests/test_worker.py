@@ -1,7 +1,7 @@
 """The engine worker: where outputs go, what each failure means, stopping, archiving.
 
 Most tests drive :class:`daemon.worker.Engine` in-process with a stand-in for
-``engine.protect.protect_file``, on a real job table and real folders, so they
+``engine.protect.protect_bytes``, on a real job table and real folders, so they
 run in milliseconds. ``tests/test_engine_process.py`` runs the real thing.
 """
 
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,17 +64,17 @@ def worker(settings: Settings, store: JobStore, loads: list) -> Engine:
 
 @pytest.fixture
 def protect(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Replace the engine's protect_file; append an exception to make the next call raise it."""
+    """Replace the engine's protect_bytes; append an exception to make the next call raise it."""
     raising: list = []
 
-    def fake(path: Path, model, options, progress=None) -> Protected:
+    def fake(data: bytes, name: str, model, options, progress=None) -> Protected:
         for step in (1, 2):
             progress(step, 2, 0.5)
         if raising:
             raise raising.pop(0)
-        return Protected(data=b"protected " + Path(path).read_bytes(), suffix=".png", report={"psnr": 40.0})
+        return Protected(data=b"protected " + data, suffix=".png", report={"psnr": 40.0})
 
-    monkeypatch.setattr(engine.protect, "protect_file", fake)
+    monkeypatch.setattr(engine.protect, "protect_bytes", fake)
     return raising
 
 
@@ -280,3 +283,61 @@ def test_an_output_that_a_copy_shares_is_not_replaced(worker, store, settings, p
 
     assert run_one(worker, store).output_path == str(settings.export_dir / "a-2.png")
     assert (settings.export_dir / "a.png").read_bytes() == b"protected one"  # still copy.png's protected copy
+
+
+# Opens of watched paths, as the interpreter's audit hook sees them (os.open and open() both raise "open").
+_OPEN_HOOKS: dict[str, Callable[[], None]] = {}
+
+
+def _on_open(event: str, args: tuple) -> None:
+    if event == "open" and _OPEN_HOOKS and isinstance(args[0], (str, Path)) and str(args[0]) in _OPEN_HOOKS:
+        _OPEN_HOOKS[str(args[0])]()
+
+
+sys.addaudithook(_on_open)  # audit hooks cannot be removed; it does nothing while _OPEN_HOOKS is empty
+
+
+def test_a_symlink_swapped_in_after_the_check_is_never_read(worker, store, settings, protect, tmp_path) -> None:
+    """The original is opened once: hashed and protected from the same bytes.
+
+    Checked by path and then read by path again, a file replaced by a symlink in
+    between (here: at the second open) had the symlink's target protected, a
+    file outside the inbox the artist never dropped there.
+    """
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"outside the inbox")
+    source = drop(settings, "a.png", b"the artist's picture")
+    store.enqueue(source, settings.engine, inbox=settings.inbox)
+    opens: list[int] = []
+
+    def swap_at_the_second_open() -> None:
+        opens.append(1)
+        if len(opens) == 2:
+            source.unlink()
+            source.symlink_to(secret)
+
+    _OPEN_HOOKS[str(source)] = swap_at_the_second_open
+    try:
+        job = run_one(worker, store)
+    finally:
+        _OPEN_HOOKS.clear()
+    assert len(opens) == 1
+    assert job.state == "done"
+    assert Path(job.output_path).read_bytes() == b"protected the artist's picture"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_an_original_swapped_before_the_claim_is_refused(worker, store, settings, protect, tmp_path, kind) -> None:
+    source = drop(settings, "a.png", b"the artist's picture")
+    store.enqueue(source, settings.engine, inbox=settings.inbox)
+    source.unlink()
+    if kind == "symlink":
+        (tmp_path / "elsewhere.png").write_bytes(b"the artist's picture")  # same bytes: only the type is wrong
+        source.symlink_to(tmp_path / "elsewhere.png")
+    else:
+        os.mkfifo(source)  # an open without O_NONBLOCK would wait here for a writer, forever
+    job = run_one(worker, store)
+    assert job.state == "failed"
+    assert job.error == f"{source} is no longer a regular file" + (
+        ": a symlink replaced it, and symlinks are not followed" if kind == "symlink" else "")
+    assert not settings.export_dir.exists() or not any(settings.export_dir.rglob("*"))
