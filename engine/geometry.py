@@ -6,8 +6,9 @@ training resolution (bilinear, antialiased), then crops. So we work at that
 same scale: the short side at ``resolution`` (512 for SD 1.5), aspect kept,
 never upscaled. Very long panoramas are capped at twice the area of a square,
 since a script would only crop part of them anyway. (Such strips, webtoons
-say, are protected coarsely: tiling them at full scale is future work.) The working image is
-padded (edge pixels repeated) to the model's size multiple (64 for SD) instead of
+say, are protected coarsely, and the report says so: tiling them at the
+scripts' scale would multiply the time by the number of tiles.) The working
+image is padded (edge pixels repeated) to the model's size multiple (64 for SD) instead of
 being stretched, and the padding is cut off again.
 
 For images larger than the working size, the perturbation delta lives at the
