@@ -5,8 +5,9 @@ Commands import their heavy parts lazily, so ``fixative status`` and
 
 Exit codes: 0 fine, 1 something failed, 3 the daemon is down (``status``),
 75 another daemon holds the state folder (``run``, ``watch``, ``engine``; see
-``daemon.lock``), 78 (EX_CONFIG) the configuration is invalid. The unit does not
-restart on 75 or 78: restarting cannot help either.
+``daemon.lock``), 78 (EX_CONFIG) the configuration is invalid, 141 the reader of
+the output went away (``status | head``). The unit does not restart on 75 or
+78: restarting cannot help either.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from daemon.inbox_filter import WatcherConfigError, ignore_reason
 from daemon.lock import EXIT_ALREADY_RUNNING, AlreadyRunning, hold
 from daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
 from daemon.status import printable
-from daemon.store import STATES, JobStore
+from daemon.store import STATES, JobStore, StateDiskFull
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as error:
         print(f"fixative: {error}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
+    except StateDiskFull as error:  # enqueue, retry: nothing was written, so nothing is half-done
+        print(f"fixative: {error}; free some space and try again", file=sys.stderr)
+        return 1
 
 
 def _settings(args: argparse.Namespace) -> Settings:

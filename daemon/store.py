@@ -57,7 +57,7 @@ class StateDiskFull(Exception):
 
     def __init__(self, folder: Path):
         self.folder = folder
-        super().__init__(f"the state folder's disk is full ({folder}): waiting for space")
+        super().__init__(f"the state folder's disk is full ({folder})")
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how
 # many have run. Append, never edit: databases in the field have run the old ones.
