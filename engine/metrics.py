@@ -47,8 +47,9 @@ def _gaussian_window() -> list[float]:
 def _blur(x: torch.Tensor, window: list[float]) -> torch.Tensor:
     """'Valid' separable Gaussian blur of the last two dimensions, as weighted sums of shifted views.
 
-    In place on one accumulator per axis: float64 conv2d (which has no fast
-    CPU kernel) took 105 s for a 24-megapixel image, this 13 s.
+    In place on one accumulator per axis: float64 conv2d has no fast CPU
+    kernel, and the five blurs of a 97 x 6000 band took 2.9 s with it against
+    0.29 s this way (one process, one thread, this project's 2-core machine).
     """
     width = x.shape[-1] - len(window) + 1
     across = x[..., :width] * window[0]
