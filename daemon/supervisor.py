@@ -179,12 +179,7 @@ class _Engine:
         if code == EX_CONFIG:
             log.error("run.engine_config_error", hint="see the engine's error above; fix it and restart")
             return code
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        try:
-            # Counted as an attempt, as when a lease expires: an image that kills the engine must end as failed.
-            released = self.store.release_owner(self.owner, f"the engine died while working on it ({how})")
-        except StateDiskFull:
-            released = False  # then its lease expires, and the next claim queues it again
+        released = self.release_jobs(code)
         lived = time.monotonic() - self.started
         if lived > HEALTHY_RUN_SECONDS:
             self.quick_deaths = 0
@@ -203,6 +198,18 @@ class _Engine:
         try:
             self.process.wait(timeout=ENGINE_STOP_SECONDS)
         except subprocess.TimeoutExpired:
-            log.error("run.engine_kill", hint="did not stop in time; its job's lease will expire and requeue it")
+            log.error("run.engine_kill", hint="did not stop in time; its job goes back to the queue")
             self.process.kill()
-            self.process.wait()
+            self.release_jobs(self.process.wait())
+
+    def release_jobs(self, code: int) -> bool:
+        """Put the dead child's job back in the queue; True if it held one.
+
+        Counted as an attempt, as when a lease expires: an image that kills
+        the engine must still end as failed after max_attempts.
+        """
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        try:
+            return self.store.release_owner(self.owner, f"the engine died while working on it ({how})")
+        except StateDiskFull:
+            return False  # then its lease expires, and the next claim queues it again
