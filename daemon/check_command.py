@@ -186,6 +186,12 @@ def verdict(report: dict) -> list[str]:
         "This is one seed and one recipe (a rank-4 LoRA): differences of a few percent are within run-to-run noise, "
         "and other fine-tuning methods may learn more. Look at the contact sheet."
     )
+    for key, what in (("colour_distance", "colour"), ("latent_gram_distance", "texture statistics")):
+        if clean[key] >= base[key]:
+            lines.append(
+                f"Note: the clean LoRA's samples are no closer to your originals in {what} than the base model's, "
+                "so on this run that distance does not measure what was learned; read the loss."
+            )
     return lines
 
 

@@ -133,3 +133,22 @@ def test_a_pickle_checkpoint_is_refused(tmp_path: Path, config: Path, capsys):
     pickle.write_bytes(b"\x80\x04K\x01.")
     assert check(tmp_path, config, str(folder), "--model", str(pickle)) == 1
     assert "pickles" in capsys.readouterr().err
+
+
+def test_the_verdict_does_not_claim_what_the_run_cannot_show():
+    from daemon.check_command import verdict
+
+    def figures(loss: float, gram: float) -> dict:
+        return {"loss_trained_originals": loss, "loss_held_out_originals": None, "colour_distance": 0.4,
+                "latent_gram_distance": gram, "ratio": {"colour_distance": 1.0, "latent_gram_distance": 1.0},
+                "learned": {"loss_trained_originals": 0.5, "loss_held_out_originals": None}}
+
+    report = {"base": figures(0.010, 10.0), "held_out": [], "recipe": {"steps": 5},
+              "loras": {"clean": figures(0.011, 12.0), "protected": figures(0.012, 12.0)}}
+    text = "\n".join(verdict(report))
+    assert "cannot say whether the protection works" in text and "learned 50%" not in text
+
+    report["loras"]["clean"]["loss_trained_originals"] = 0.009
+    text = "\n".join(verdict(report))
+    assert "learned 50% of what the clean LoRA learned" in text
+    assert "no closer to your originals in texture statistics" in text and "in colour than" in text
