@@ -104,10 +104,22 @@ def summarise(reports: list[dict]) -> dict[str, dict[str, tuple[float, float | N
     return table
 
 
+def against_noise(table: dict, name: str, column: str = "learned, held out") -> str:
+    """Whether ``name`` learned less than the noise control of its pipeline by more than twice the combined standard error."""
+    suffix = name.partition("+")[2]
+    noise = next((row for n, row in table.items() if n.startswith("noise") and n.partition("+")[2] == suffix), None)
+    if name.startswith(("clean", "noise")) or noise is None or column not in table[name]:
+        return ""
+    (mean, se), (noise_mean, noise_se) = table[name][column], noise[column]
+    if se is None or noise_se is None:
+        return "one seed"
+    return "below" if noise_mean - mean > 2 * (se**2 + noise_se**2) ** 0.5 else "within noise"
+
+
 def print_table(table: dict, reports: list[dict]) -> None:
     columns = list(FIGURES)
-    print("| LoRA trained on | " + " | ".join(columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
+    print("| LoRA trained on | " + " | ".join(columns) + " | held-out learning vs noise control |")
+    print("|---" * (len(columns) + 2) + "|")
     for name, row in table.items():
         cells = []
         for column in columns:
@@ -121,7 +133,7 @@ def print_table(table: dict, reports: list[dict]) -> None:
             if se is not None:
                 text += f" ± {scale * se:.0f}{unit}" if percent else f" ± {se:.3f}"
             cells.append(text)
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {against_noise(table, name)} |")
     base = [r["base"]["loss_trained_originals"] for r in reports]
     clean = [r["loras"]["clean"]["loss_trained_originals"] for r in reports]
     drop = [100 * (b - c) / b for b, c in zip(base, clean)]

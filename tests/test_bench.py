@@ -129,3 +129,4 @@ def test_mimicry_table_runs_with_the_noise_control_and_jpeg(tmp_path: Path, tiny
     mean, se = table["encoder"]["loss ratio, held out"]
     assert mean > 0 and se is not None  # two seeds: a standard error
     assert "| noise ±8+jpeg75 |" in done.stdout
+    assert re.search(r"\| encoder \|.*\| (below|within noise) \|", done.stdout)
