@@ -193,12 +193,12 @@ def evaluate(evaluator, original: np.ndarray, protected: np.ndarray) -> dict:
 
 def train_job(spec: dict) -> dict:
     setup(spec)
-    from engine.tiny import build_tiny_model, train_tiny_unet
+    from engine.tiny import build_tiny_model, train_tiny_model
 
     folder = Path(spec["tiny_folder"])
     started = time.perf_counter()
     build_tiny_model(folder)
-    train_tiny_unet(folder, steps=int(spec["training_steps"]))
+    train_tiny_model(folder, steps=int(spec["training_steps"]))
     (folder / "trained").touch()
     return {"seconds": round(time.perf_counter() - started, 1)}
 

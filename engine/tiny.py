@@ -8,10 +8,13 @@ saved with ``save_pretrained`` (safetensors) in the diffusers folder layout, so
 it is loaded through exactly the same code as a real model.
 
 An untrained UNet predicts roughly the same thing whatever its input, so every
-perturbation scores a protection gain near 1.0 on it. :func:`train_tiny_unet`
-fixes that with a few hundred noise-prediction steps on synthetic paintings.
-It does NOT make the tiny model protect anything real: it only makes the
-attack's effect measurable in tests and in ``bench --scale tiny``.
+perturbation scores a protection gain near 1.0 on it. :func:`train_tiny_model`
+fixes that: it trains the UNet to denoise, on several families of synthetic
+images (:mod:`engine.synthetic`), half of them JPEG-compressed as web images
+are. A model trained on one narrow family would
+rate every perturbation as huge and every codec as devastating (that was this
+model's first version: gains of 4-6). It is still not Stable Diffusion:
+bench/README.md says what it can and cannot show.
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from engine.synthetic import family_images, pretraining_set
+
 # UNet sample size 16 latents -> 128 px training resolution, small enough to
 # train on two CPU cores in about a minute.
 TINY_LATENT_SIZE = 16
 TEXT_DIM = 32
+PER_FAMILY = 64  # pre-training images per family: 384 in all, at 128 px
 
 
 def _byte_vocab() -> tuple[dict[str, int], list[str]]:
@@ -128,36 +133,47 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 
 def synthetic_paintings(count: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Smooth colour fields with a few hard-edged strokes, in [-1, 1], shape (N, 3, size, size).
+    """Test paintings: the "fields" family of :mod:`engine.synthetic` (smooth colour fields, hard-edged strokes)."""
+    return family_images("fields", count, size, seed)
 
-    Structured enough that a denoiser has something to learn, so that an attack
-    that breaks it shows up as a higher loss than random noise does.
+
+def train_tiny_model(folder: Path, steps: int, seed: int = 0) -> None:
+    """Set the VAE's latent scale, then teach the UNet noise prediction, on the pre-training families; save in place."""
+    images = pretraining_set(PER_FAMILY, TINY_LATENT_SIZE * 8, seed)
+    calibrate_latent_scale(folder, images)
+    train_tiny_unet(folder, images, steps, seed=seed)
+
+
+def calibrate_latent_scale(folder: Path, images: torch.Tensor) -> None:
+    """Set the VAE's scaling factor to 1 / std of its latents, the rule that gave SD 1.x its 0.18215.
+
+    The tiny VAE keeps its random weights, on purpose. Its latents have a std
+    near 0.2, so SD's 0.18215 left the UNet latents of std 0.04, drowned by
+    the diffusion noise at all but the smallest t. And a random encoder is, like
+    SD's detail-preserving one, about as sensitive to fine detail as to coarse;
+    a briefly trained tiny VAE was not (it could only reconstruct the coarse
+    image, 13 dB), and rated every perturbation as surviving JPEG.
+    bench/README.md ("The measuring model") has the figures.
     """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    images = np.empty((count, 3, size, size), dtype=np.float32)
-    for i in range(count):
-        for c in range(3):
-            fx, fy, phase = rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0, 2 * np.pi)
-            images[i, c] = 0.6 * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
-        for _ in range(3):
-            x0, y0 = rng.integers(0, size - size // 4, 2)
-            w, h = rng.integers(size // 16, size // 4, 2)
-            images[i, :, y0 : y0 + h, x0 : x0 + w] = rng.uniform(-1, 1, (3, 1, 1))
-    return torch.from_numpy(images.clip(-1, 1))
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)])
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
 
 
-def train_tiny_unet(folder: Path, steps: int = 300, batch: int = 16, seed: int = 0) -> None:
-    """Teach the tiny UNet noise prediction on synthetic paintings, and save it in place."""
+def train_tiny_unet(folder: Path, images: torch.Tensor, steps: int, batch: int = 16, seed: int = 0) -> None:
+    """Teach the tiny UNet noise prediction on ``images``' latents (posterior samples, as SD was trained)."""
     torch.manual_seed(seed)
     folder = Path(folder)
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").train()
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     alphas = scheduler.alphas_cumprod
-    images = synthetic_paintings(256, TINY_LATENT_SIZE * 8, seed)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)]) * vae.config.scaling_factor
+        posteriors = [vae.encode(chunk).latent_dist for chunk in images.split(64)]
+    mean = torch.cat([p.mean for p in posteriors]) * vae.config.scaling_factor
+    std = torch.cat([p.std for p in posteriors]) * vae.config.scaling_factor
     # Condition on the engine's default prompt, as the attacks will.
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
@@ -166,7 +182,8 @@ def train_tiny_unet(folder: Path, steps: int = 300, batch: int = 16, seed: int =
         context = text_encoder(ids)[0]
     optimiser = torch.optim.AdamW(unet.parameters(), lr=2e-3)
     for _ in range(steps):
-        z = latents[torch.randint(0, len(latents), (batch,))]
+        pick = torch.randint(0, len(mean), (batch,))
+        z = mean[pick] + std[pick] * torch.randn_like(mean[pick])
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
         noise = torch.randn_like(z)
         a = alphas[t].view(-1, 1, 1, 1)

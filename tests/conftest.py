@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-TRAINING_STEPS = 300
+TRAINING_STEPS = 600
+REPO = Path(__file__).resolve().parents[1]
 
 # One OpenMP thread for the tests and every process they start: the tiny model
 # gains nothing from two, and with the test process and a daemon subprocess
@@ -27,16 +28,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _tiny_key() -> str:
-    import engine.tiny
-
-    source = Path(engine.tiny.__file__).read_bytes()
-    return hashlib.sha256(source + str(TRAINING_STEPS).encode()).hexdigest()[:12]
+    """Changes whenever the tiny model's recipe does: its code, its training images, its steps."""
+    recipe = b"".join((REPO / "engine" / name).read_bytes() for name in ("tiny.py", "synthetic.py"))
+    return hashlib.sha256(recipe + str(TRAINING_STEPS).encode()).hexdigest()[:12]
 
 
 @pytest.fixture(scope="session")
 def tiny_model(request: pytest.FixtureRequest) -> Path:
-    """A diffusers folder holding the tiny SD-shaped model with a briefly trained UNet."""
-    from engine.tiny import build_tiny_model, train_tiny_unet
+    """A diffusers folder holding the tiny SD-shaped model, its VAE and UNet briefly trained."""
+    from engine.tiny import build_tiny_model, train_tiny_model
 
     cache = Path(request.config.cache.mkdir("fixative-tiny-models"))
     folder = cache / _tiny_key()
@@ -47,7 +47,7 @@ def tiny_model(request: pytest.FixtureRequest) -> Path:
         if not folder.exists():
             building = Path(tempfile.mkdtemp(dir=cache))
             build_tiny_model(building)
-            train_tiny_unet(building, steps=TRAINING_STEPS)
+            train_tiny_model(building, steps=TRAINING_STEPS)
             building.rename(folder)
     return folder
 
