@@ -150,6 +150,9 @@ def render(report: dict[str, Any]) -> str:
         for done in report["latest_done"][:3]:
             lines.append(f"  #{done['id']} {printable(done['output'])}{_figures(done['metrics'])}")
             lines += [f"    warning: {printable(warning)}" for warning in done["metrics"].get("warnings", [])]
+        survives = _survival(report["latest_done"][0]["metrics"])
+        if survives:
+            lines.append(f"  #{report['latest_done'][0]['id']} survives: {survives}")
     if report["failures"]:
         lines.append("latest failures (fixative retry ID | --failed):")
         lines += [f"  #{f['id']} {printable(f['path'])}: {printable(f['error'])}"
@@ -172,6 +175,13 @@ def _figures(metrics: dict[str, Any]) -> str:
              (("psnr", "PSNR", " dB"), ("max_delta", "max change", " levels"), ("protection_gain", "gain", ""))
              if key in metrics]
     return " · " + " · ".join(shown) if shown else ""
+
+
+def _survival(metrics: dict[str, Any]) -> str:
+    """'jpeg85 96% · jpeg75 93% · half+jpeg75 88%': what part of the effect each common pipeline leaves."""
+    shown = [f"{name} {'n/a' if served['survival'] is None else format(served['survival'], '.0%')}"
+             for name, served in metrics.get("survival", {}).items()]
+    return " · ".join(shown)
 
 
 def _process(beat: dict[str, Any]) -> str:

@@ -10,6 +10,14 @@ noise) samples, so the ratio compares like with like. Above 1 means a model
 fine-tuned on the protected image is trained on a target it predicts badly,
 which is AdvDM's mechanism. The *latent shift* ||E(x') - E(x)|| / ||E(x)|| says
 how far the VAE latent moved (what the encoder and mist modes aim at).
+
+Survival: the same figures after a publishing pipeline (``engine.publishing``,
+Pillow's real codecs), with the original put through the same pipeline, so
+the ratio isolates what is left of the perturbation rather than what the codec
+does to any image. survival = (gain after - 1) / (gain before - 1): 1 when the
+pipeline leaves the effect whole, 0 when it removes it. For modes whose effect
+is a moved latent rather than a raised loss (SDS-, encoder), survival is the
+ratio of latent shifts instead.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ import numpy as np
 import torch
 
 from engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode
-from engine.geometry import bands
+from engine.geometry import Geometry, bands
 from engine.model import LoadedModel
+from engine.options import EngineOptions
+from engine.publishing import serve
 
 GAIN_SAMPLES = 16
 GAIN_SEED = 20230214  # fixed, so the same image scores the same in every run and mode
@@ -110,3 +120,52 @@ def protection_figures(model: LoadedModel, original: torch.Tensor, protected: to
         "protection_gain": losses[1] / losses[0],
         "latent_shift": float((mean[1] - mean[0]).norm() / mean[0].norm()),
     }
+
+
+def effect_figure(options: EngineOptions) -> str:
+    """The figure a mode's effect shows in: the training loss, or (SDS-, encoder) the latent."""
+    if options.mode == "encoder" or (options.mode == "sds" and options.sds_direction == "minimize"):
+        return "latent_shift"
+    return "protection_gain"
+
+
+def as_seen(rgb: np.ndarray, geometry: Geometry, device: torch.device) -> torch.Tensor:
+    """An 8-bit image as a fine-tuning script feeds it to the model: at the working size, padded.
+
+    A served copy may be smaller than the original (a platform's downscale);
+    the script resizes it to its training size all the same, as it would any upload.
+    """
+    served = Geometry(full=rgb.shape[:2], work=geometry.work, padded=geometry.padded)
+    return geometry.pad(served.down_image(rgb).to(device))
+
+
+def survival(before: dict[str, float], after: dict[str, float], figure: str) -> float | None:
+    """What part of the effect is left: 1 whole, 0 gone; None when there was no effect to keep."""
+    if figure == "latent_shift":
+        return after["latent_shift"] / before["latent_shift"] if before["latent_shift"] > 0 else None
+    return (after["protection_gain"] - 1) / (before["protection_gain"] - 1) if before["protection_gain"] > 1 else None
+
+
+def served_figures(
+    model: LoadedModel,
+    geometry: Geometry,
+    original: np.ndarray,
+    protected: np.ndarray,
+    before: dict[str, float],
+    figure: str,
+    pipelines: tuple[str, ...],
+) -> dict[str, dict[str, float | None]]:
+    """Gain, latent shift and survival after each publishing pipeline, both images served alike."""
+    served = {}
+    for name in pipelines:
+        after = protection_figures(
+            model,
+            as_seen(serve(original, name), geometry, model.device),
+            as_seen(serve(protected, name), geometry, model.device),
+        )
+        served[name] = {
+            "protection_gain": after["protection_gain"],
+            "latent_shift": after["latent_shift"],
+            "survival": survival(before, after, figure),
+        }
+    return served

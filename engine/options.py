@@ -44,6 +44,12 @@ class EngineOptions(BaseModel):
     strength: int = Field(8, ge=1, le=32, description="L-infinity budget in 0-255 levels, or a preset name.")
     step_size: float = Field(1.0, gt=0, le=32, description="PGD step in 0-255 levels.")
     steps: int = Field(100, ge=1, le=10_000)
+    robust: bool = Field(
+        True,
+        description="Optimise through the publishing pipeline (JPEG, platform downscale, the fine-tuner's crop "
+        "and flip; engine.transforms), so the protection survives being posted. False optimises the lossless "
+        "file only: stronger on the PNG, mostly gone after a JPEG.",
+    )
     samples_per_step: int = Field(
         1, ge=1, le=64, description="(t, eps) pairs averaged per PGD step, for one VAE encode (advdm, mist, sds)."
     )

@@ -17,6 +17,7 @@ import torch
 from engine.geometry import Geometry
 
 Progress = Callable[[int, int, float], None]
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 PROGRESS_INTERVAL_SECONDS = 0.5
 
 
@@ -26,9 +27,22 @@ class Attack(Protocol):
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def perturbed(x_work: torch.Tensor, delta: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """The padded model input for a perturbation: what a fine-tuning script would feed the model."""
-    return geometry.pad((x_work + geometry.seen(delta)).clamp(-1, 1))
+def perturbed(
+    x_work: torch.Tensor,
+    delta: torch.Tensor,
+    geometry: Geometry,
+    transform: Transform | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The padded model input for a perturbation: what a fine-tuning script would feed the model.
+
+    With a ``transform`` (``engine.transforms.PublishingTransform``), the image
+    first goes through one random draw of the publishing pipeline (EOT).
+    """
+    image = (x_work + geometry.seen(delta)).clamp(-1, 1)
+    if transform is not None:
+        image = transform(image, generator)
+    return geometry.pad(image)
 
 
 def run_pgd(
@@ -40,6 +54,7 @@ def run_pgd(
     steps: int,
     generator: torch.Generator,
     progress: Progress | None = None,
+    transform: Transform | None = None,
 ) -> torch.Tensor:
     """Return the perturbation (fp32, working size) after ``steps`` PGD steps from a random start."""
     # Random start, uniform in the ball, as in Madry et al. and Mist.
@@ -48,7 +63,7 @@ def run_pgd(
     last_report = time.monotonic()
     for step in range(1, steps + 1):
         delta.requires_grad_(True)
-        objective, loss = attack(perturbed(x_work, delta, geometry), generator)
+        objective, loss = attack(perturbed(x_work, delta, geometry, transform, generator), generator)
         (gradient,) = torch.autograd.grad(objective, delta)
         with torch.no_grad():
             delta = (delta + sign * alpha * gradient.sign()).clamp_(-eps, eps)

@@ -40,10 +40,12 @@ from engine.imaging import (
     read_back_rgb,
     read_image,
 )
-from engine.metrics import max_delta, protection_figures, psnr, ssim
+from engine.metrics import as_seen, effect_figure, max_delta, protection_figures, psnr, served_figures, ssim
 from engine.model import LoadedModel
 from engine.options import EngineOptions
 from engine.pgd import Progress, run_pgd
+from engine.publishing import REPORTED_PIPELINES
+from engine.transforms import PublishingTransform
 
 
 @dataclass
@@ -106,7 +108,8 @@ def protect_image(
     generator = torch.Generator(model.device).manual_seed(options.seed)
     attack = ATTACKS[options.mode](model, options, (1, 3, *geometry.padded))
     pgd_started = time.perf_counter()
-    delta = run_pgd(attack, x_work, geometry, eps, alpha, options.steps, generator, progress)
+    transform = PublishingTransform(options.seed) if options.robust else None
+    delta = run_pgd(attack, x_work, geometry, eps, alpha, options.steps, generator, progress, transform)
     pgd_seconds = time.perf_counter() - pgd_started
 
     protected_rgb = geometry.perturb(source.rgb, delta, float(options.strength))
@@ -114,9 +117,9 @@ def protect_image(
     del protected_rgb  # the saved file, read back, is what gets measured
 
     saved = read_back_rgb(data)
-    figures = protection_figures(
-        model, geometry.pad(x_work), geometry.pad(geometry.down_image(saved).to(model.device))
-    )
+    figures = protection_figures(model, geometry.pad(x_work), as_seen(saved, geometry, model.device))
+    figure = effect_figure(options)
+    served = served_figures(model, geometry, source.rgb, saved, figures, figure, REPORTED_PIPELINES)
     warnings = list(source.notes)
     if min(geometry.work) < min(model.resolution, height, width) - 1:  # (- 1: the working size is rounded)
         # Issue 9: a 6000x300 strip was worked at 1619x81 with no word. Tiling it at
@@ -133,6 +136,7 @@ def protect_image(
         )
     report = {
         "mode": options.mode,
+        "robust": options.robust,
         "strength": options.strength,
         "steps": options.steps,
         "step_size": options.step_size,
@@ -151,5 +155,10 @@ def protect_image(
         "ssim": round(ssim(source.rgb, saved), 4),
         "max_delta": max_delta(source.rgb, saved),
         **{name: round(value, 4) for name, value in figures.items()},
+        "survival_figure": figure,
+        "survival": {
+            name: {key: None if value is None else round(value, 4) for key, value in values.items()}
+            for name, values in served.items()
+        },
     }
     return Protected(data=data, suffix=OUTPUT_FORMATS[options.format], report=report, warnings=warnings)

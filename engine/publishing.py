@@ -72,6 +72,7 @@ PIPELINES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "noise4": lambda rgb: gaussian_noise(rgb, 4.0),
     "blur1": lambda rgb: gaussian_blur(rgb, 1.0),
     "noisy_upscale": noisy_upscale,
+    "flip": lambda rgb: np.ascontiguousarray(rgb[:, ::-1]),  # a fine-tuner's random flip (diffusers' --random_flip)
 }
 
 # The pipelines every per-image report measures: the common ways a platform serves an upload.

@@ -196,6 +196,12 @@ def test_dropped_files_come_out_protected_and_bad_ones_are_reported(daemon: Daem
         assert metrics["steps"] == STEPS and 25 < metrics["psnr"] < 60
         assert 0 < metrics["max_delta"] <= metrics["strength"]
         assert metrics["protection_gain"] > 0 and "ssim" in metrics
+        # What survives the common ways a platform serves an upload (engine.publishing).
+        assert set(metrics["survival"]) == {"jpeg85", "jpeg75", "half+jpeg75"}
+        assert all(served["protection_gain"] > 0 for served in metrics["survival"].values())
+    text = subprocess.run([sys.executable, "-m", "daemon.cli", "status"], env=daemon.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "survives: jpeg85 " in text and " · half+jpeg75 " in text
     failures = {Path(f["path"]).name: f for f in report["failures"]}
     assert sorted(failures) == sorted(bad)
     for name, reason in bad.items():

@@ -29,7 +29,7 @@ from conftest import painting
 REPORT_KEYS = {
     "mode", "strength", "steps", "step_size", "samples_per_step", "seed", "device", "dtype", "model", "size",
     "working_size", "format", "seconds", "seconds_per_step", "psnr", "ssim", "max_delta", "loss_original",
-    "loss_protected", "protection_gain", "latent_shift",
+    "loss_protected", "protection_gain", "latent_shift", "robust", "survival_figure", "survival",
 }
 MODES = ["advdm", "mist", "sds", "encoder"]
 FAST_STEPS = 10
