@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -82,7 +83,9 @@ def test_diffusers_folder_loads_with_geometry_from_its_config(fp32_model: Loaded
     assert model.prediction_type == "epsilon"
     assert model.num_train_timesteps == 1000
     assert model.alphas_cumprod.dtype == torch.float32
-    assert model.scaling_factor == pytest.approx(0.18215)
+    # Read from the VAE's config, not diffusers' SD default: the tiny model sets its own (engine.tiny).
+    configured = json.loads((tiny_model / "vae" / "config.json").read_text())["scaling_factor"]
+    assert model.scaling_factor == pytest.approx(configured) and configured != pytest.approx(0.18215)
     # The prompt was embedded (CLIP-shaped: 77 tokens x hidden size 32), and weights are frozen.
     assert tuple(model.text_embedding.shape) == (1, 77, 32)
     assert not any(p.requires_grad for p in model.unet.parameters())
