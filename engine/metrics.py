@@ -123,8 +123,13 @@ def protection_figures(model: LoadedModel, original: torch.Tensor, protected: to
 
 
 def effect_figure(options: EngineOptions) -> str:
-    """The figure a mode's effect shows in: the training loss, or (SDS-, encoder) the latent."""
-    if options.mode == "encoder" or (options.mode == "sds" and options.sds_direction == "minimize"):
+    """The figure a mode's effect shows in: the training loss (advdm, SDS+), or the latent (the others).
+
+    Mist raises the loss too, but its pull toward the texture dominates once
+    latents have unit variance, as SD's do: on the tiny model its gain stays
+    just under 1 while its latent moves (bench/README.md, "Robustness").
+    """
+    if options.mode in ("encoder", "mist") or (options.mode == "sds" and options.sds_direction == "minimize"):
         return "latent_shift"
     return "protection_gain"
 
