@@ -101,12 +101,12 @@ def print_tables(rows: dict[tuple[str, bool], list[dict]]) -> None:
     from engine.publishing import PIPELINES
 
     columns = ("none", *PIPELINES)
-    print("\nEffect after each pipeline (protection gain; latent shift for encoder), mean ± s.e.:\n")
+    print("\nEffect after each pipeline (protection gain; latent shift for mist and encoder), mean ± s.e.:\n")
     print("| mode | robust | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for (mode, robust), runs in rows.items():
         print(f"| {mode} | {'on' if robust else 'off'} | " + " | ".join(cell([r[c] for r in runs]) for c in columns) + " |")
-    print("\nSurvival = (gain after - 1) / (gain before - 1) (latent shifts' ratio for encoder), mean ± s.e.:\n")
+    print("\nSurvival = (gain after - 1) / (gain before - 1) (latent shifts' ratio for mist and encoder), mean ± s.e.:\n")
     print("| mode | robust | PSNR dB | " + " | ".join(PIPELINES) + " |")
     print("|---|---|---|" + "---|" * len(PIPELINES))
     for (mode, robust), runs in rows.items():
