@@ -44,10 +44,10 @@ FIGURES = {  # column title -> (group, key) in a LoRA's figures
 
 def style_images(count: int, seed: int) -> list[np.ndarray]:
     """The "artist's" works: a family of synthetic images, uint8 HxWx3 at the tiny model's side."""
+    from engine.pixels import to_rgb
     from engine.tiny import synthetic_paintings
 
-    images = synthetic_paintings(count, STYLE_SIZE, seed=10_000 + seed)
-    return [((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8) for x in images]
+    return [to_rgb(x) for x in synthetic_paintings(count, STYLE_SIZE, seed=10_000 + seed)]
 
 
 def noise_copy(rgb: np.ndarray, strength: int, rng: np.random.Generator) -> np.ndarray:

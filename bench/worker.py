@@ -116,10 +116,10 @@ def sync(torch, device) -> None:
 
 def painting(width: int, height: int, seed: int = IMAGE_SEED) -> np.ndarray:
     """The synthetic painting both sides protect: uint8 H x W x 3, smooth fields and hard-edged strokes."""
+    from engine.pixels import to_rgb
     from engine.tiny import synthetic_paintings
 
-    image = synthetic_paintings(1, max(width, height), seed=seed)[0].permute(1, 2, 0).numpy()
-    return ((image[:height, :width] + 1) * 127.5).round().astype(np.uint8)
+    return to_rgb(synthetic_paintings(1, max(width, height), seed=seed)[0, :, :height, :width])
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -171,13 +171,13 @@ def evaluate(evaluator, original: np.ndarray, protected: np.ndarray) -> dict:
 
     from engine.geometry import Geometry
     from engine.metrics import max_delta, protection_figures, psnr
+    from engine.pixels import to_model
 
     height, width = original.shape[:2]
     geometry = Geometry.plan(height, width, evaluator.resolution, evaluator.size_multiple)
 
     def model_input(rgb: np.ndarray) -> torch.Tensor:
-        x = torch.tensor(rgb, device=evaluator.device).permute(2, 0, 1)[None].float() / 127.5 - 1
-        return geometry.pad(geometry.down(x))
+        return geometry.pad(geometry.down(to_model(rgb, evaluator.device)))
 
     figures = protection_figures(evaluator, model_input(original), model_input(protected))
     return {
@@ -271,6 +271,7 @@ def reference_job(spec: dict) -> dict:
     import reference
     from engine.model import pick_device
     from engine.options import EngineOptions
+    from engine.pixels import to_model
 
     device = pick_device(EngineOptions().device)  # the device the engine would use, so both sides share it
     width, height = spec["size"]
@@ -282,7 +283,7 @@ def reference_job(spec: dict) -> dict:
     log(f"{label} model built in {build_seconds:.1f} s (UNet {params['unet'] / 1e6:.1f}M, VAE {params['vae'] / 1e6:.1f}M params, fp32)")
 
     rgb = painting(width, height)
-    x = torch.tensor(rgb, device=device).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = to_model(rgb, device)
     eps, alpha = 2 * REFERENCE_STRENGTH / 255, 2 * REFERENCE_STEP_SIZE / 255
 
     warm = time.perf_counter()

@@ -131,11 +131,6 @@ def contact_sheet(rows: list[tuple[str, list]]):
     return sheet
 
 
-def _uint8(pixels) -> list:
-    """(N, 3, H, W) in [-1, 1] -> list of uint8 HxWx3."""
-    return [((x.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8") for x in pixels]
-
-
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
@@ -255,6 +250,7 @@ def _check(args: argparse.Namespace, options) -> int:
     from engine import mimicry
     from engine.errors import EngineError
     from engine.model import load_model
+    from engine.pixels import to_rgb
     from engine.protect import protect_image
     from engine.publishing import serve
 
@@ -310,7 +306,8 @@ def _check(args: argparse.Namespace, options) -> int:
         )
 
     judged = mimicry.Originals.prepare(model, originals).pixels[: mimicry.SAMPLE_COUNT]
-    rows = [("originals", _uint8(judged))] + [(f"LoRA: {name}", _uint8(samples[name])) for name in training_sets]
+    rows = [("originals", [to_rgb(x) for x in judged])]
+    rows += [(f"LoRA: {name}", [to_rgb(x) for x in samples[name]]) for name in training_sets]
     sheet_path = output_dir / "contact-sheet.png"
     contact_sheet(rows).save(sheet_path)
     report.update(

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.pixels import to_model
+
 BAND_PIXELS = 1 << 19
 """Pixels in one band of full-resolution work: 6 MB per float32 RGB copy, whatever the image size."""
 
@@ -53,11 +55,6 @@ def _up(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _down(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
-
-
-def _to_unit(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 H x W x 3 -> float32 (1, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 @dataclass(frozen=True)
@@ -112,8 +109,8 @@ class Geometry:
         """
         height, width = self.full
         if not self.resized:
-            return _to_unit(rgb)
-        narrow = [_down(_to_unit(rgb[a:b]), (b - a, self.work[1])) for a, b in bands(height, width)]
+            return to_model(rgb)
+        narrow = [_down(to_model(rgb[a:b]), (b - a, self.work[1])) for a, b in bands(height, width)]
         return _down(torch.cat(narrow, dim=2), self.work)
 
     def perturb(self, rgb: np.ndarray, delta: torch.Tensor, strength: float) -> np.ndarray:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode
 from engine.model import LoadedModel
+from engine.pixels import to_model
 
 # The mimic's recipe: diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py.
 LORA_RANK = 4
@@ -64,11 +65,6 @@ STEP_UNITS = 3  # a training step per image, in UNet forwards (see work_units)
 DECODE_UNITS = 3
 
 Progress = Callable[[float], None]  # called with units of work done since the last call
-
-
-def _to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 HxWx3 -> fp32 (1, 3, H, W) in [-1, 1]."""
-    return torch.tensor(rgb, device=device).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 def _resize_short_side(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -161,7 +157,7 @@ def _train(
     model: LoadedModel, params: list[torch.Tensor], images: list[np.ndarray], steps: int, seed: int, progress: Progress | None
 ) -> None:
     side = model.resolution
-    resized = [_resize_short_side(_to_tensor(rgb, model.device), side) for rgb in images]
+    resized = [_resize_short_side(to_model(rgb, model.device), side) for rgb in images]
     generator = torch.Generator().manual_seed(seed)  # CPU: the same draws on every device
     optimiser = torch.optim.AdamW(params, lr=LEARNING_RATE)
     batch = min(BATCH_SIZE, len(images))
@@ -219,7 +215,7 @@ class Originals:
     @classmethod
     def prepare(cls, model: LoadedModel, images: list[np.ndarray]) -> "Originals":
         side = model.resolution
-        pixels = torch.cat([_centre_crop(_resize_short_side(_to_tensor(rgb, model.device), side), side) for rgb in images])
+        pixels = torch.cat([_centre_crop(_resize_short_side(to_model(rgb, model.device), side), side) for rgb in images])
         with torch.no_grad():
             latents = torch.cat([encode(model, x[None])[0] for x in pixels])
         return cls(pixels=pixels, latents=latents)

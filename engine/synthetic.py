@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.pixels import to_model, to_rgb
 from engine.publishing import jpeg
 
 Generator = Callable[[int, int, np.random.Generator], np.ndarray]
@@ -167,12 +168,7 @@ def family_images(name: str, count: int, size: int, seed: int = 0) -> torch.Tens
 def as_web_jpeg(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Each image through Pillow's JPEG at a quality drawn from 60-95: most training images on the web were JPEGs."""
     rng = np.random.default_rng(seed)
-    out = []
-    for image in images:
-        rgb = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        decoded = jpeg(rgb, int(rng.integers(60, 96))).astype(np.float32)
-        out.append(torch.from_numpy(decoded / 127.5 - 1).permute(2, 0, 1))
-    return torch.stack(out)
+    return torch.stack([to_model(jpeg(to_rgb(image), int(rng.integers(60, 96))))[0] for image in images])
 
 
 def pretraining_set(per_family: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from engine.diffusion import encode
 from engine.imaging import read_image
 from engine.model import LoadedModel
+from engine.pixels import to_model
 
 
 def default_texture(height: int, width: int) -> np.ndarray:
@@ -34,7 +35,7 @@ def target_image(path: Path | None, height: int, width: int) -> torch.Tensor:
     """The target at the model-input size, (1, 3, H, W) in [-1, 1]; a user's image is cover-cropped, never stretched."""
     if path is None:
         return torch.from_numpy(default_texture(height, width))[None]
-    rgb = torch.from_numpy(read_image(Path(path)).rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
+    rgb = to_model(read_image(Path(path)).rgb)
     scale = max(height / rgb.shape[2], width / rgb.shape[3])
     size = (max(height, round(rgb.shape[2] * scale)), max(width, round(rgb.shape[3] * scale)))
     rgb = F.interpolate(rgb, size=size, mode="bilinear", antialias=True, align_corners=False)
