@@ -57,12 +57,13 @@ def noise_copy(rgb: np.ndarray, strength: int, rng: np.random.Generator) -> np.n
 
 
 def protected_copies(model, images: list[np.ndarray], mode: str, seed: int) -> list[np.ndarray]:
-    from worker import decode_rgb, source_image
+    from worker import source_image
 
+    from engine.imaging import read_back_rgb
     from engine.protect import protect_image
 
     options = EngineOptions(mode=mode, model=model.source, seed=seed, device="cpu")
-    return [decode_rgb(protect_image(source_image(rgb), model, options).data) for rgb in images]
+    return [read_back_rgb(protect_image(source_image(rgb), model, options).data) for rgb in images]
 
 
 def one_seed(model, seed: int, originals: int, modes: list[str], after: list[str], steps: int) -> dict:

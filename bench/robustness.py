@@ -22,7 +22,6 @@ has the results and what they can and cannot show.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -43,34 +42,24 @@ MODES = ("sds", "advdm", "mist", "encoder")
 
 
 def test_image(family: str, seed: int, side: int):
-    """One test image as the SourceImage read_image would make of its PNG.
-
-    The tiny model's 512 is 128 px, under the engine's 256 px file floor, so
-    the image is handed over directly, as bench/worker.py does.
-    """
-    import numpy as np
-
+    """One test image as the SourceImage read_image would make of its PNG (see SourceImage.from_rgb)."""
     from engine.imaging import SourceImage
+    from engine.pixels import to_rgb
     from engine.synthetic import family_images
 
-    image = family_images(family, 1, side, seed)[0]
-    rgb = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    return SourceImage(rgb=rgb, alpha=None, icc_profile=None, dpi=None, exif=None, notes=())
+    return SourceImage.from_rgb(to_rgb(family_images(family, 1, side, seed)[0]))
 
 
 def served_row(model, source, options) -> dict:
     """Protect ``source``; return the effect figure before and after every pipeline, and the survivals."""
-    import numpy as np
-    from PIL import Image
-
     from engine.geometry import Geometry
+    from engine.imaging import read_back_rgb
     from engine.metrics import effect_figure, served_figures
     from engine.protect import protect_image
     from engine.publishing import PIPELINES
 
     protected = protect_image(source, model, options)
-    with Image.open(io.BytesIO(protected.data)) as image:
-        saved = np.array(image.convert("RGB"))
+    saved = read_back_rgb(protected.data)
     geometry = Geometry.plan(*source.rgb.shape[:2], model.resolution, model.size_multiple)
     figure = effect_figure(options)
     before = {key: protected.report[key] for key in ("protection_gain", "latent_shift")}

@@ -13,7 +13,6 @@ Progress goes to stderr, one line per step at full scale.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
@@ -122,13 +121,6 @@ def painting(width: int, height: int, seed: int = IMAGE_SEED) -> np.ndarray:
     return to_rgb(synthetic_paintings(1, max(width, height), seed=seed)[0, :, :height, :width])
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))
-
-
 def source_image(rgb: np.ndarray):
     """The painting as the engine reads it from a file (engine.imaging.read_image on a PNG).
 
@@ -137,8 +129,6 @@ def source_image(rgb: np.ndarray):
     painting is handed to protect_image directly, as the SourceImage read_image
     would have made of it.
     """
-    import dataclasses
-
     from PIL import Image
 
     from engine.errors import BadImage
@@ -152,8 +142,7 @@ def source_image(rgb: np.ndarray):
         except BadImage:
             if min(rgb.shape[:2]) >= 256:
                 raise
-    values = {"rgb": rgb, "alpha": None, "icc_profile": None, "dpi": None, "exif": None, "notes": ()}
-    return SourceImage(**{f.name: values.get(f.name) for f in dataclasses.fields(SourceImage)})
+    return SourceImage.from_rgb(rgb)
 
 
 def load_evaluator(spec: dict, device_name: str):
@@ -410,6 +399,7 @@ def mode_job(spec: dict) -> dict:
     torch = setup(spec)
     import gc
 
+    from engine.imaging import read_back_rgb
     from engine.options import EngineOptions
     from engine.protect import protect_image
 
@@ -500,7 +490,7 @@ def mode_job(spec: dict) -> dict:
 
         own = (model.vae.dtype, model.dtype)
         evaluator = model if own == (torch.float32, torch.float32) else load_evaluator(spec, str(device))
-        result.update(aggregate([evaluate(evaluator, rgb, decode_rgb(r["protected"].data)) for r in runs]))
+        result.update(aggregate([evaluate(evaluator, rgb, read_back_rgb(r["protected"].data)) for r in runs]))
         result["sweep"] = []
         models = {own: model}
         for overrides in spec.get("sweep", []):
@@ -527,7 +517,7 @@ def mode_job(spec: dict) -> dict:
                     "step_size": variant.step_size,
                     "dtype": _dtype_text(*dtype),
                     "seconds": round(sum(r["wall"] for r in sweep_runs) / len(sweep_runs), 3),
-                    **aggregate([evaluate(evaluator, rgb, decode_rgb(r["protected"].data)) for r in sweep_runs]),
+                    **aggregate([evaluate(evaluator, rgb, read_back_rgb(r["protected"].data)) for r in sweep_runs]),
                 }
             )
         del models

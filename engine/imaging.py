@@ -97,6 +97,15 @@ class SourceImage:
     exif: bytes | None  # original EXIF with Orientation reset to 1, or None
     notes: tuple[str, ...]  # human-readable conversions done, e.g. "16-bit input ..."
 
+    @classmethod
+    def from_rgb(cls, rgb: np.ndarray) -> SourceImage:
+        """What read_image makes of a plain 8-bit RGB PNG: the pixels, nothing else.
+
+        For the tiny test model's images, whose 128 px are under MIN_SHORT_SIDE,
+        so that the bench and tests can hand them to protect_image directly.
+        """
+        return cls(rgb=rgb, alpha=None, icc_profile=None, dpi=None, exif=None, notes=())
+
 
 def read_image(path: Path) -> SourceImage:
     """Read ``path`` and :func:`decode_image` it.

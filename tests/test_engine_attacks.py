@@ -23,6 +23,7 @@ from engine.geometry import Geometry
 from engine.metrics import protection_figures
 from engine.model import LoadedModel, load_model
 from engine.options import EngineOptions
+from engine.pixels import to_model
 from engine.protect import Protected, protect_file
 from conftest import painting
 
@@ -93,8 +94,7 @@ def level_changes(original: np.ndarray, protected: np.ndarray) -> np.ndarray:
 
 def model_view(model: LoadedModel, rgb: np.ndarray, geometry: Geometry) -> torch.Tensor:
     """What a fine-tuning script feeds the model: downscaled to the working size, padded, in [-1, 1]."""
-    x = torch.tensor(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
-    return geometry.pad(geometry.down(x))
+    return geometry.pad(geometry.down(to_model(rgb)))
 
 
 def gain_of(model: LoadedModel, original: np.ndarray, changed: np.ndarray) -> float:

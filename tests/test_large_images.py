@@ -132,7 +132,7 @@ from engine.options import EngineOptions
 from engine.imaging import SourceImage
 from engine.protect import protect_image
 model = load_model(EngineOptions(model={str(tiny_model)!r}, device="cpu", steps=1))
-source = SourceImage(rgb=np.full((8000, 6000, 3), 128, np.uint8), alpha=None, icc_profile=None, dpi=None, exif=None, notes=())
+source = SourceImage.from_rgb(np.full((8000, 6000, 3), 128, np.uint8))
 size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (size + 100 * 2**20, resource.RLIM_INFINITY))
 try:

@@ -17,6 +17,7 @@ import torch
 from engine.imaging import SourceImage, read_image
 from engine.model import LoadedModel, load_model
 from engine.options import EngineOptions
+from engine.pixels import to_model, to_rgb
 from engine.protect import protect_image
 from engine.publishing import REPORTED_PIPELINES, serve
 from engine.synthetic import family_images
@@ -24,19 +25,11 @@ from engine.transforms import PublishingTransform, jpeg
 from conftest import painting
 
 
-def to_model(rgb: np.ndarray) -> torch.Tensor:
-    return torch.tensor(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
-def to_levels(image: torch.Tensor) -> np.ndarray:
-    return ((image[0].permute(1, 2, 0).detach().numpy() + 1) * 127.5).round().clip(0, 255)
-
-
 @pytest.mark.parametrize("quality", [75, 95])
 def test_differentiable_jpeg_is_close_to_pillows(quality: int) -> None:
     rgb = painting(128, 128)
     pillow = serve(rgb, f"jpeg{quality}").astype(float)
-    ours = to_levels(jpeg(to_model(rgb), quality))
+    ours = to_rgb(jpeg(to_model(rgb), quality)[0]).astype(float)
     codec_change = np.abs(pillow - rgb).mean()
     mismatch = np.abs(ours - pillow).mean()
     psnr = 10 * np.log10(255**2 / np.square(ours - pillow).mean())
@@ -87,8 +80,7 @@ def test_every_report_says_what_survives_the_common_pipelines(model: LoadedModel
 def test_robust_protection_survives_jpeg75_better_than_plain(model: LoadedModel) -> None:
     # A photo-like 1/f texture at the tiny model's resolution (under the 256 px file
     # floor, so handed over as the SourceImage read_image would make).
-    rgb = ((family_images("fractal", 1, 128, seed=9)[0].permute(1, 2, 0).numpy() + 1) * 127.5).round()
-    source = SourceImage(rgb=rgb.astype(np.uint8), alpha=None, icc_profile=None, dpi=None, exif=None, notes=())
+    source = SourceImage.from_rgb(to_rgb(family_images("fractal", 1, 128, seed=9)[0]))
     after_jpeg = {}
     for robust in (False, True):
         options = EngineOptions(model=model.source, device="cpu", dtype="fp32", steps=50, robust=robust)
