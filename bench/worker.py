@@ -156,19 +156,13 @@ def load_evaluator(spec: dict, device_name: str):
 def evaluate(evaluator, original: np.ndarray, protected: np.ndarray) -> dict:
     """Protection gain and latent shift as the engine reports them: both images downscaled as a
     fine-tuning script would, padded, and scored by engine.metrics.protection_figures."""
-    import torch
-
     from engine.geometry import Geometry
-    from engine.metrics import max_delta, protection_figures, psnr
-    from engine.pixels import to_model
+    from engine.metrics import as_seen, max_delta, protection_figures, psnr
 
     height, width = original.shape[:2]
     geometry = Geometry.plan(height, width, evaluator.resolution, evaluator.size_multiple)
-
-    def model_input(rgb: np.ndarray) -> torch.Tensor:
-        return geometry.pad(geometry.down(to_model(rgb, evaluator.device)))
-
-    figures = protection_figures(evaluator, model_input(original), model_input(protected))
+    seen = [as_seen(rgb, geometry, evaluator.device) for rgb in (original, protected)]
+    figures = protection_figures(evaluator, *seen)
     return {
         "protection_gain": round(figures["protection_gain"], 4),
         "latent_shift": round(figures["latent_shift"], 4),
