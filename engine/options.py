@@ -46,8 +46,8 @@ class EngineOptions(BaseModel):
     steps: int = Field(100, ge=1, le=10_000)
     robust: bool = Field(
         True,
-        description="Optimise through the publishing pipeline (JPEG, platform downscale, the fine-tuner's crop "
-        "and flip; engine.transforms), so the protection survives being posted. False optimises the lossless "
+        description="Optimise through the publishing pipeline (JPEG, platform downscale, a little noise or blur; "
+        "engine.transforms), so the protection survives being posted. False optimises the lossless "
         "file only: stronger on the PNG, mostly gone after a JPEG.",
     )
     samples_per_step: int = Field(
