@@ -71,10 +71,6 @@ def ignore_reason(path: Path, inbox: Path) -> str | None:
     return None
 
 
-def is_candidate(path: Path, inbox: Path) -> bool:
-    return ignore_reason(path, inbox) is None
-
-
 def skip_folder(name: str) -> bool:
     """Whether a scan should not descend into a folder called ``name``.
 

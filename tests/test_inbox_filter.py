@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.inbox_filter import WatcherConfigError, check_folders, ignore_reason, is_candidate, refusal_reason
+from daemon.inbox_filter import WatcherConfigError, check_folders, ignore_reason, refusal_reason
 
 INBOX = Path("/home/artist/ToProtect")
 
@@ -13,7 +13,7 @@ INBOX = Path("/home/artist/ToProtect")
     ["a.png", "A.PNG", "b.jpg", "c.jpeg", "d.webp", "e.tif", "f.tiff", "g.bmp", "h.gif", "sub/deeper/i.png", "my art.png"],
 )
 def test_images_are_candidates(relative):
-    assert is_candidate(INBOX / relative, INBOX)
+    assert ignore_reason(INBOX / relative, INBOX) is None
 
 
 @pytest.mark.parametrize(
@@ -44,12 +44,12 @@ def test_ignored_paths_say_why(relative, why):
 
 def test_a_hidden_inbox_location_does_not_hide_its_files():
     inbox = Path("/home/artist/.local/inbox")
-    assert is_candidate(inbox / "a.png", inbox)
+    assert ignore_reason(inbox / "a.png", inbox) is None
 
 
 def test_paths_outside_the_inbox_are_not_candidates():
     assert ignore_reason(Path("/etc/a.png"), INBOX) == "outside the inbox"
-    assert not is_candidate(INBOX, INBOX)
+    assert ignore_reason(INBOX, INBOX) is not None
 
 
 def test_a_regular_file_in_the_inbox_is_accepted(tmp_path):
