@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from daemon.inbox_filter import IMAGE_SUFFIXES, ignore_reason
-from daemon.protect_command import EX_FAILED, EX_USAGE, _strength
+from daemon.protect_command import EX_FAILED, EX_USAGE, strength_argument
 
 DEFAULT_STEPS = 500  # LoRA steps: what diffusers' DreamBooth LoRA example trains for
 # A "protected copy" further than this from its original is some other picture:
@@ -56,7 +56,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     check.add_argument("--seed", type=int, default=0, help="one seed for every LoRA's crops, noise and order")
     check.add_argument("--model", help="diffusers folder, .safetensors file, or Hugging Face id in the local cache")
     check.add_argument("--mode", choices=["advdm", "mist", "sds", "encoder"], help="for copies made now")
-    check.add_argument("--strength", type=_strength, help="for copies made now: 0-255 levels or a preset")
+    check.add_argument("--strength", type=strength_argument, help="for copies made now: 0-255 levels or a preset")
     check.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     check.set_defaults(run=run_check)
 

@@ -27,7 +27,8 @@ EX_FAILED = 1
 EX_USAGE = 2
 
 
-def _strength(value: str) -> int | str:
+def strength_argument(value: str) -> int | str:
+    """argparse type for ``--strength`` (protect and check): a preset name, or whole 0-255 levels."""
     if value.lower() in STRENGTH_PRESETS:
         return value.lower()
     try:
@@ -49,7 +50,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     protect.add_argument("-o", "--output-dir", type=Path, help="folder for the protected copies (default: beside each image)")
     protect.add_argument("--model", help="diffusers folder, .safetensors file, or Hugging Face id in the local cache")
     protect.add_argument("--mode", choices=["advdm", "mist", "sds", "encoder"])
-    protect.add_argument("--strength", type=_strength, help="budget in 0-255 levels, or subtle (4) / balanced (8) / strong (16)")
+    protect.add_argument("--strength", type=strength_argument,
+                         help="budget in 0-255 levels, or subtle (4) / balanced (8) / strong (16)")
     protect.add_argument("--steps", type=int)
     protect.add_argument("--seed", type=int)
     protect.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
