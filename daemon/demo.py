@@ -137,17 +137,17 @@ def _make_samples(folder: Path) -> Path:
     import numpy as np
     from PIL import Image
 
+    from engine.pixels import to_rgb
     from engine.tiny import synthetic_paintings
 
-    paintings = ((synthetic_paintings(3, 320, seed=7).permute(0, 2, 3, 1).numpy() + 1) * 127.5).round()
-    rgb = paintings.astype(np.uint8)
+    rgb = [to_rgb(painting) for painting in synthetic_paintings(3, 320, seed=7)]
     yy, xx = np.mgrid[0:288, 0:256]
     # Opaque in the middle, fading out towards the corners: a cut-out with soft edges.
     alpha = np.clip(400 - np.hypot(yy - 144, xx - 128) * 2.2, 0, 255).astype(np.uint8)
     images = {
-        SAMPLES[0]: Image.fromarray(rgb[0, :256, :320]),
-        SAMPLES[1]: Image.fromarray(np.dstack([rgb[1, :288, :256], alpha])),
-        SAMPLES[2]: Image.fromarray(rgb[2, :256, :288]),
+        SAMPLES[0]: Image.fromarray(rgb[0][:256, :320]),
+        SAMPLES[1]: Image.fromarray(np.dstack([rgb[1][:288, :256], alpha])),
+        SAMPLES[2]: Image.fromarray(rgb[2][:256, :288]),
     }
     for name, image in images.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
