@@ -5,7 +5,7 @@
                             [--after jpeg75] [--json FILE] [--threads 1]
 
 On the tests' tiny trained model, for each seed: a set of "style" images is
-drawn, protected by every mode at the engine's defaults, and, as a control,
+drawn from the family it never saw in pre-training (``engine.synthetic.STYLE_FAMILY``), protected by every mode at the engine's defaults, and, as a control,
 perturbed by random noise of the same budget (every pixel and channel moved by
 plus or minus ``strength`` levels, the L-infinity corner that PGD's sign steps
 mostly end on). Then one LoRA is trained on each training set, and on each
@@ -43,11 +43,11 @@ FIGURES = {  # column title -> (group, key) in a LoRA's figures
 
 
 def style_images(count: int, seed: int) -> list[np.ndarray]:
-    """The "artist's" works: a family of synthetic images, uint8 HxWx3 at the tiny model's side."""
+    """The "artist's" works: the synthetic family the tiny model never saw in pre-training, uint8 HxWx3."""
     from engine.pixels import to_rgb
-    from engine.tiny import synthetic_paintings
+    from engine.synthetic import STYLE_FAMILY, family_images
 
-    return [to_rgb(x) for x in synthetic_paintings(count, STYLE_SIZE, seed=10_000 + seed)]
+    return [to_rgb(x) for x in family_images(STYLE_FAMILY, count, STYLE_SIZE, seed=10_000 + seed)]
 
 
 def noise_copy(rgb: np.ndarray, strength: int, rng: np.random.Generator) -> np.ndarray:
