@@ -2,7 +2,7 @@
 
 Each is a callable ``attack(x, generator) -> (objective, loss)`` over the
 padded model-input image x in [-1, 1]: PGD steps along the sign of the
-objective's gradient (up if ``attack.maximize``, else down), and ``loss`` is
+objective's gradient, accumulated with momentum (up if ``attack.maximize``, else down), and ``loss`` is
 the figure reported to the progress callback.
 """
 

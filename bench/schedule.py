@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""The step-schedule table: protection against PGD steps, for fixed sign steps and the schedules tried.
+
+    python bench/schedule.py [--seeds 3] [--steps 25,50,100] [--rules fixed,linear,cosine,apgd,momentum]
+                             [--mode sds] [--strength 8] [--no-robust] [--json FILE]
+
+Issue 10, item 1: can a schedule give the 100-step protection in fewer steps?
+For each update rule, step count, seed and test image of bench/robustness.py,
+the engine protects the image (``engine.protect.protect_image``: by default
+the default mode, ``robust`` on, strength 8) with the rule as its PGD loop, and reads the saved file's protection gain from the report, before and
+after Pillow's JPEG q75 (``engine.metrics.served_figures``, as every report
+does). The rules, all in the same L-infinity ball from the same random start:
+
+- ``fixed``: sign steps of ``step_size`` levels (1): the engine's loop
+  (``engine.pgd.run_pgd``) with its momentum off, as it was before issue 10;
+- ``momentum``: the engine's loop as it is, MI-FGSM (Dong et al., "Boosting
+  Adversarial Attacks with Momentum", CVPR 2018, Algorithm 1): the sign of an
+  accumulated, L1-normalised gradient, decay 0.9, sign steps of ``step_size``;
+- ``linear`` / ``cosine``: sign steps decaying from strength/2 levels to
+  ``step_size``, linearly or along half a cosine;
+- ``apgd``: Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial
+  robustness with an ensemble of diverse parameter-free attacks", ICML 2020,
+  Algorithm 1): first step 2 x strength, momentum 0.75, the step halved at
+  checkpoints where fewer than 75% of the steps since the last one raised the
+  loss (or the best loss and the step both stood still), restarting from the
+  best point; the best point is returned.
+
+Runs on the tests' tiny trained model with one thread; judges protection, not
+speed (every rule costs the same per step). Means ± standard error over seeds x
+images. bench/README.md ("Step schedule") has the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
+
+from robustness import IMAGES, mean_se, test_image  # noqa: E402
+
+APGD_MOMENTUM = 0.75  # Croce & Hein's alpha
+APGD_RHO = 0.75
+
+
+def _start(x_work, eps, generator):
+    """The engine's random start (same draw, so every rule starts where the engine does)."""
+    import torch
+
+    return (torch.rand(x_work.shape, generator=generator, device=x_work.device) * 2 - 1) * eps
+
+
+def _gradient(attack, x_work, delta, geometry, transform, generator):
+    """(gradient of the objective, loss) at ``delta``, through one draw of the publishing pipeline."""
+    import torch
+
+    from engine.pgd import perturbed
+
+    delta = delta.detach().requires_grad_(True)
+    objective, loss = attack(perturbed(x_work, delta, geometry, transform, generator), generator)
+    (gradient,) = torch.autograd.grad(objective, delta)
+    return gradient, float(loss)
+
+
+def decaying(shape: str):
+    """Sign steps whose size decays from strength/2 levels to ``alpha`` (linear or half-cosine)."""
+
+    def run(attack, x_work, geometry, eps, alpha, steps, generator, progress=None, transform=None):
+        delta = _start(x_work, eps, generator)
+        sign = 1.0 if attack.maximize else -1.0
+        first = max(eps / 2, alpha)
+        for step in range(steps):
+            fraction = step / max(steps - 1, 1)
+            weight = 1 - fraction if shape == "linear" else (1 + math.cos(math.pi * fraction)) / 2
+            size = alpha + (first - alpha) * weight
+            gradient, _ = _gradient(attack, x_work, delta, geometry, transform, generator)
+            delta = (delta + sign * size * gradient.sign()).clamp_(-eps, eps)
+        return delta
+
+    return run
+
+
+def apgd_checkpoints(steps: int) -> set[int]:
+    """Croce & Hein's checkpoints w_j = ceil(p_j N): p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return {math.ceil(q * steps) for q in p[1:] if math.ceil(q * steps) < steps}
+
+
+def apgd(attack, x_work, geometry, eps, alpha, steps, generator, progress=None, transform=None):
+    delta = _start(x_work, eps, generator)
+    sign = 1.0 if attack.maximize else -1.0
+    size = 2 * eps
+    checkpoints = apgd_checkpoints(steps)
+    previous = delta
+    best = last = -math.inf
+    raised = since = 0
+    size_then, best_then = size, best
+    for step in range(steps):
+        gradient, loss = _gradient(attack, x_work, delta, geometry, transform, generator)
+        value = sign * loss
+        raised, since, last = raised + (value > last), since + 1, value
+        if value > best:
+            best, best_delta, best_gradient = value, delta.clone(), gradient
+        if step in checkpoints:
+            if raised < APGD_RHO * since or (size == size_then and best == best_then):
+                size /= 2
+                delta, previous, gradient = best_delta.clone(), best_delta.clone(), best_gradient
+            raised, since, size_then, best_then = 0, 0, size, best
+        z = (delta + sign * size * gradient.sign()).clamp(-eps, eps)
+        momentum_term = (1 - APGD_MOMENTUM) * (delta - previous) if step > 0 else 0
+        delta, previous = (delta + APGD_MOMENTUM * (z - delta) + momentum_term).clamp_(-eps, eps), delta
+        if step == 0:
+            delta = z  # the first step is a plain one
+    # Croce & Hein return the best point seen (the last iterate's loss is never evaluated: that would cost a step).
+    return best_delta
+
+
+def rule(name: str):
+    """(the PGD loop, the engine's momentum decay) for a rule: fixed and momentum are the engine's own loop."""
+    from engine.pgd import MOMENTUM, run_pgd
+
+    return {
+        "fixed": (run_pgd, 0.0),
+        "momentum": (run_pgd, MOMENTUM),
+        "linear": (decaying("linear"), 0.0),
+        "cosine": (decaying("cosine"), 0.0),
+        "apgd": (apgd, 0.0),
+    }[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", default="25,50,100")
+    parser.add_argument("--rules", default="fixed,linear,cosine,apgd,momentum")
+    parser.add_argument("--mode", default="sds")
+    parser.add_argument("--strength", type=int, default=8)
+    parser.add_argument("--robust", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import engine.pgd
+    import engine.protect
+    from engine.model import load_model
+    from engine.options import EngineOptions
+    from run import tiny_model
+
+    torch.set_num_threads(1)
+    folder, _ = tiny_model(threads=1)
+    model = load_model(EngineOptions(model=str(folder), device="cpu", dtype="fp32"))
+    engines_loop, engines_momentum = engine.protect.run_pgd, engine.pgd.MOMENTUM
+    rows: dict[tuple[str, int], list[dict]] = {}
+    started = time.perf_counter()
+    for name in args.rules.split(","):
+        for steps in map(int, args.steps.split(",")):
+            runs = rows.setdefault((name, steps), [])
+            # The one thing that differs between rows.
+            engine.protect.run_pgd, engine.pgd.MOMENTUM = rule(name)
+            try:
+                for seed in range(args.seeds):
+                    for family, image_seed, side in IMAGES:
+                        options = EngineOptions(model=str(folder), device="cpu", dtype="fp32", seed=seed, steps=steps,
+                                                mode=args.mode, robust=args.robust, strength=args.strength)
+                        report = engine.protect.protect_image(test_image(family, image_seed, side), model, options).report
+                        runs.append({"image": f"{family}{image_seed}@{side}", "seed": seed,
+                                     "gain": report["protection_gain"],
+                                     "jpeg75": report["survival"]["jpeg75"]["protection_gain"],
+                                     "psnr": report["psnr"], "seconds_per_step": report["seconds_per_step"]})
+                        print(f"[{time.perf_counter() - started:6.0f} s] {name} {steps} steps seed {seed} "
+                              f"{runs[-1]['image']}: gain {runs[-1]['gain']:.4f}, after jpeg75 {runs[-1]['jpeg75']:.4f}",
+                              flush=True)
+            finally:
+                engine.protect.run_pgd, engine.pgd.MOMENTUM = engines_loop, engines_momentum
+    print_table(rows, f"mode {args.mode}, robust {'on' if args.robust else 'off'}, strength {args.strength}, {args.seeds} seeds")
+    if args.json:
+        args.json.write_text(json.dumps([{"rule": r, "steps": s, "runs": runs} for (r, s), runs in rows.items()], indent=2))
+    return 0
+
+
+def print_table(rows: dict[tuple[str, int], list[dict]], title: str) -> None:
+    """Gains as (gain - 1) x 1000 (the effect is a fraction of a percent), mean ± s.e. over seeds x images."""
+    print(f"\nProtection gain - 1, x 1000, mean ± s.e. over seeds x images ({title}):\n")
+    print("| rule | steps | PNG | after JPEG q75 | PSNR dB |")
+    print("|---|---|---|---|---|")
+    for (name, steps), runs in rows.items():
+        png = mean_se([1000 * (r["gain"] - 1) for r in runs])
+        jpeg = mean_se([1000 * (r["jpeg75"] - 1) for r in runs])
+        psnr = sum(r["psnr"] for r in runs) / len(runs)
+        print(f"| {name} | {steps} | {png[0]:.2f} ± {png[1]:.2f} | {jpeg[0]:.2f} ± {jpeg[1]:.2f} | {psnr:.1f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
