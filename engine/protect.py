@@ -98,6 +98,10 @@ def _out_of_memory_is_an_engine_error(protect):
 def protect_image(
     source: SourceImage, model: LoadedModel, options: EngineOptions, progress: Progress | None = None
 ) -> Protected:
+    """Steps 2-5 of the module docstring, on an image already decoded (see protect_file, protect_bytes).
+
+    Running out of memory on the device or the CPU raises engine.errors.OutOfMemory (the decorator).
+    """
     started = time.perf_counter()
     height, width = source.rgb.shape[:2]
     geometry = Geometry.plan(height, width, model.resolution, model.size_multiple)
