@@ -76,11 +76,11 @@ def measure(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from engine.geometry import Geometry
-    from engine.imaging import MIN_SHORT_SIDE
-    from engine.model import load_model
-    from engine.options import EngineOptions
-    from engine.protect import protect_bytes
+    from fixative.engine.geometry import Geometry
+    from fixative.engine.imaging import MIN_SHORT_SIDE
+    from fixative.engine.model import load_model
+    from fixative.engine.options import EngineOptions
+    from fixative.engine.protect import protect_bytes
 
     width, height = spec["size"]
     with tempfile.TemporaryDirectory(prefix="fixative-memory-") as folder:

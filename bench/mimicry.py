@@ -30,7 +30,7 @@ sys.path.insert(0, str(BENCH))
 
 import numpy as np  # noqa: E402
 
-from engine.options import EngineOptions, Mode  # noqa: E402
+from fixative.engine.options import EngineOptions, Mode  # noqa: E402
 
 STYLE_SIZE = 128  # the tiny model's training side: its 512
 FIGURES = {  # column title -> (group, key) in a LoRA's figures
@@ -44,8 +44,8 @@ FIGURES = {  # column title -> (group, key) in a LoRA's figures
 
 def style_images(count: int, seed: int) -> list[np.ndarray]:
     """The "artist's" works: the synthetic family the tiny model never saw in pre-training, uint8 HxWx3."""
-    from engine.pixels import to_rgb
-    from engine.synthetic import STYLE_FAMILY, family_images
+    from fixative.engine.pixels import to_rgb
+    from fixative.engine.synthetic import STYLE_FAMILY, family_images
 
     return [to_rgb(x) for x in family_images(STYLE_FAMILY, count, STYLE_SIZE, seed=10_000 + seed)]
 
@@ -59,16 +59,16 @@ def noise_copy(rgb: np.ndarray, strength: int, rng: np.random.Generator) -> np.n
 def protected_copies(model, images: list[np.ndarray], mode: str, seed: int) -> list[np.ndarray]:
     from worker import source_image
 
-    from engine.imaging import read_back_rgb
-    from engine.protect import protect_image
+    from fixative.engine.imaging import read_back_rgb
+    from fixative.engine.protect import protect_image
 
     options = EngineOptions(mode=mode, model=model.source, seed=seed, device="cpu")
     return [read_back_rgb(protect_image(source_image(rgb), model, options).data) for rgb in images]
 
 
 def one_seed(model, seed: int, originals: int, modes: list[str], after: list[str], steps: int) -> dict:
-    from engine import mimicry
-    from engine.publishing import serve
+    from fixative.engine import mimicry
+    from fixative.engine.publishing import serve
 
     images = style_images(originals, seed)
     strength = EngineOptions().strength
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from run import machine_info, tiny_model
 
     torch.set_num_threads(args.threads)
-    from engine.model import load_model
+    from fixative.engine.model import load_model
 
     folder, _ = tiny_model(args.threads)
     model = load_model(EngineOptions(model=str(folder), device="cpu"), generation=True)

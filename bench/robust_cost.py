@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.attacks import ATTACKS
-    from engine.geometry import Geometry
-    from engine.options import EngineOptions
-    from engine.pgd import run_pgd
-    from engine.transforms import PublishingTransform
+    from fixative.engine.attacks import ATTACKS
+    from fixative.engine.geometry import Geometry
+    from fixative.engine.options import EngineOptions
+    from fixative.engine.pgd import run_pgd
+    from fixative.engine.transforms import PublishingTransform
     from sd15 import load_engine_model
 
     torch.set_num_threads(args.threads)

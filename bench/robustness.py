@@ -43,20 +43,20 @@ MODES = ("sds", "advdm", "mist", "encoder")
 
 def test_image(family: str, seed: int, side: int):
     """One test image as the SourceImage read_image would make of its PNG (see SourceImage.from_rgb)."""
-    from engine.imaging import SourceImage
-    from engine.pixels import to_rgb
-    from engine.synthetic import family_images
+    from fixative.engine.imaging import SourceImage
+    from fixative.engine.pixels import to_rgb
+    from fixative.engine.synthetic import family_images
 
     return SourceImage.from_rgb(to_rgb(family_images(family, 1, side, seed)[0]))
 
 
 def served_row(model, source, options) -> dict:
     """Protect ``source``; return the effect figure before and after every pipeline, and the survivals."""
-    from engine.geometry import Geometry
-    from engine.imaging import read_back_rgb
-    from engine.metrics import effect_figure, served_figures
-    from engine.protect import protect_image
-    from engine.publishing import PIPELINES
+    from fixative.engine.geometry import Geometry
+    from fixative.engine.imaging import read_back_rgb
+    from fixative.engine.metrics import effect_figure, served_figures
+    from fixative.engine.protect import protect_image
+    from fixative.engine.publishing import PIPELINES
 
     protected = protect_image(source, model, options)
     saved = read_back_rgb(protected.data)
@@ -87,7 +87,7 @@ def cell(values: list[float | None], percent: bool = False) -> str:
 
 
 def print_tables(rows: dict[tuple[str, bool], list[dict]]) -> None:
-    from engine.publishing import PIPELINES
+    from fixative.engine.publishing import PIPELINES
 
     columns = ("none", *PIPELINES)
     print("\nEffect after each pipeline (protection gain; latent shift for mist and encoder), mean ± s.e.:\n")
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.model import load_model
-    from engine.options import EngineOptions
+    from fixative.engine.model import load_model
+    from fixative.engine.options import EngineOptions
     from run import tiny_model
 
     torch.set_num_threads(1)

@@ -41,7 +41,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.options import EngineOptions, Mode  # noqa: E402  (pydantic only: no torch in this process)
+from fixative.engine.options import EngineOptions, Mode  # noqa: E402  (pydantic only: no torch in this process)
 
 # The tests' tiny model is trained for this many steps (tests/conftest.py TRAINING_STEPS);
 # tests/test_bench.py checks the two agree, so the bench can reuse the tests' cached model.

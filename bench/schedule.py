@@ -6,13 +6,13 @@
 
 Issue 10, item 1: can a schedule give the 100-step protection in fewer steps?
 For each update rule, step count, seed and test image of bench/robustness.py,
-the engine protects the image (``engine.protect.protect_image``: by default
+the engine protects the image (``fixative.engine.protect.protect_image``: by default
 the default mode, ``robust`` on, strength 8) with the rule as its PGD loop, and reads the saved file's protection gain from the report, before and
 after Pillow's JPEG q75 (``engine.metrics.served_figures``, as every report
 does). The rules, all in the same L-infinity ball from the same random start:
 
 - ``fixed``: sign steps of ``step_size`` levels (1): the engine's loop
-  (``engine.pgd.run_pgd``) with its momentum off, as it was before issue 10;
+  (``fixative.engine.pgd.run_pgd``) with its momentum off, as it was before issue 10;
 - ``momentum``: the engine's loop as it is, MI-FGSM (Dong et al., "Boosting
   Adversarial Attacks with Momentum", CVPR 2018, Algorithm 1): the sign of an
   accumulated, L1-normalised gradient, decay 0.9, sign steps of ``step_size``;
@@ -60,7 +60,7 @@ def _gradient(attack, x_work, delta, geometry, transform, generator):
     """(gradient of the objective, loss) at ``delta``, through one draw of the publishing pipeline."""
     import torch
 
-    from engine.pgd import perturbed
+    from fixative.engine.pgd import perturbed
 
     delta = delta.detach().requires_grad_(True)
     objective, loss = attack(perturbed(x_work, delta, geometry, transform, generator), generator)
@@ -125,7 +125,7 @@ def apgd(attack, x_work, geometry, eps, alpha, steps, generator, progress=None, 
 
 def rule(name: str):
     """(the PGD loop, the engine's momentum decay) for a rule: fixed and momentum are the engine's own loop."""
-    from engine.pgd import MOMENTUM, run_pgd
+    from fixative.engine.pgd import MOMENTUM, run_pgd
 
     return {
         "fixed": (run_pgd, 0.0),
@@ -149,29 +149,29 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    import engine.pgd
-    import engine.protect
-    from engine.model import load_model
-    from engine.options import EngineOptions
+    import fixative.engine.pgd
+    import fixative.engine.protect
+    from fixative.engine.model import load_model
+    from fixative.engine.options import EngineOptions
     from run import tiny_model
 
     torch.set_num_threads(1)
     folder, _ = tiny_model(threads=1)
     model = load_model(EngineOptions(model=str(folder), device="cpu", dtype="fp32"))
-    engines_loop, engines_momentum = engine.protect.run_pgd, engine.pgd.MOMENTUM
+    engines_loop, engines_momentum = fixative.engine.protect.run_pgd, fixative.engine.pgd.MOMENTUM
     rows: dict[tuple[str, int], list[dict]] = {}
     started = time.perf_counter()
     for name in args.rules.split(","):
         for steps in map(int, args.steps.split(",")):
             runs = rows.setdefault((name, steps), [])
             # The one thing that differs between rows.
-            engine.protect.run_pgd, engine.pgd.MOMENTUM = rule(name)
+            fixative.engine.protect.run_pgd, fixative.engine.pgd.MOMENTUM = rule(name)
             try:
                 for seed in range(args.seeds):
                     for family, image_seed, side in IMAGES:
                         options = EngineOptions(model=str(folder), device="cpu", dtype="fp32", seed=seed, steps=steps,
                                                 mode=args.mode, robust=args.robust, strength=args.strength)
-                        report = engine.protect.protect_image(test_image(family, image_seed, side), model, options).report
+                        report = fixative.engine.protect.protect_image(test_image(family, image_seed, side), model, options).report
                         runs.append({"image": f"{family}{image_seed}@{side}", "seed": seed,
                                      "gain": report["protection_gain"],
                                      "jpeg75": report["survival"]["jpeg75"]["protection_gain"],
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{runs[-1]['image']}: gain {runs[-1]['gain']:.4f}, after jpeg75 {runs[-1]['jpeg75']:.4f}",
                               flush=True)
             finally:
-                engine.protect.run_pgd, engine.pgd.MOMENTUM = engines_loop, engines_momentum
+                fixative.engine.protect.run_pgd, fixative.engine.pgd.MOMENTUM = engines_loop, engines_momentum
     print_table(rows, f"mode {args.mode}, robust {'on' if args.robust else 'off'}, strength {args.strength}, {args.seeds} seeds")
     if args.json:
         args.json.write_text(json.dumps([{"rule": r, "steps": s, "runs": runs} for (r, s), runs in rows.items()], indent=2))

@@ -126,7 +126,7 @@ def load_engine_model(options):
     measured too. The parts are built directly in the dtypes the engine picks,
     so no fp32 copy of a bf16 model ever exists. Returns ``(model, how)``.
     """
-    from engine.model import assemble_model, pick_device, pick_dtypes
+    from fixative.engine.model import assemble_model, pick_device, pick_dtypes
 
     device = pick_device(options.device)
     vae_dtype, dtype = pick_dtypes(options.dtype, device)
@@ -138,4 +138,4 @@ def load_engine_model(options):
         options,
         source="<sd15-random-weights>",
     )
-    return model, "engine.model.assemble_model with in-memory SD-1.5 parts"
+    return model, "fixative.engine.model.assemble_model with in-memory SD-1.5 parts"

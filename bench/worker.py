@@ -115,8 +115,8 @@ def sync(torch, device) -> None:
 
 def painting(width: int, height: int, seed: int = IMAGE_SEED) -> np.ndarray:
     """The synthetic painting both sides protect: uint8 H x W x 3, smooth fields and hard-edged strokes."""
-    from engine.pixels import to_rgb
-    from engine.tiny import synthetic_paintings
+    from fixative.engine.pixels import to_rgb
+    from fixative.engine.tiny import synthetic_paintings
 
     return to_rgb(synthetic_paintings(1, max(width, height), seed=seed)[0, :, :height, :width])
 
@@ -131,8 +131,8 @@ def source_image(rgb: np.ndarray):
     """
     from PIL import Image
 
-    from engine.errors import BadImage
-    from engine.imaging import SourceImage, read_image
+    from fixative.engine.errors import BadImage
+    from fixative.engine.imaging import SourceImage, read_image
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "painting.png"
@@ -147,8 +147,8 @@ def source_image(rgb: np.ndarray):
 
 def load_evaluator(spec: dict, device_name: str):
     """The tiny model in fp32: one fixed judge of protection gain for the reference and every mode."""
-    from engine.model import load_model
-    from engine.options import EngineOptions
+    from fixative.engine.model import load_model
+    from fixative.engine.options import EngineOptions
 
     return load_model(EngineOptions(model=spec["tiny_folder"], dtype="fp32", device=device_name))
 
@@ -156,8 +156,8 @@ def load_evaluator(spec: dict, device_name: str):
 def evaluate(evaluator, original: np.ndarray, protected: np.ndarray) -> dict:
     """Protection gain and latent shift as the engine reports them: both images downscaled as a
     fine-tuning script would, padded, and scored by engine.metrics.protection_figures."""
-    from engine.geometry import Geometry
-    from engine.metrics import as_seen, max_delta, protection_figures, psnr
+    from fixative.engine.geometry import Geometry
+    from fixative.engine.metrics import as_seen, max_delta, protection_figures, psnr
 
     height, width = original.shape[:2]
     geometry = Geometry.plan(height, width, evaluator.resolution, evaluator.size_multiple)
@@ -176,7 +176,7 @@ def evaluate(evaluator, original: np.ndarray, protected: np.ndarray) -> dict:
 
 def train_job(spec: dict) -> dict:
     setup(spec)
-    from engine.tiny import build_tiny_model, train_tiny_model
+    from fixative.engine.tiny import build_tiny_model, train_tiny_model
 
     folder = Path(spec["tiny_folder"])
     started = time.perf_counter()
@@ -252,9 +252,9 @@ def reference_job(spec: dict) -> dict:
     import gc
 
     import reference
-    from engine.model import pick_device
-    from engine.options import EngineOptions
-    from engine.pixels import to_model
+    from fixative.engine.model import pick_device
+    from fixative.engine.options import EngineOptions
+    from fixative.engine.pixels import to_model
 
     device = pick_device(EngineOptions().device)  # the device the engine would use, so both sides share it
     width, height = spec["size"]
@@ -393,9 +393,9 @@ def mode_job(spec: dict) -> dict:
     torch = setup(spec)
     import gc
 
-    from engine.imaging import read_back_rgb
-    from engine.options import EngineOptions
-    from engine.protect import protect_image
+    from fixative.engine.imaging import read_back_rgb
+    from fixative.engine.options import EngineOptions
+    from fixative.engine.protect import protect_image
 
     mode = spec["mode"]
     width, height = spec["size"]
@@ -410,9 +410,9 @@ def mode_job(spec: dict) -> dict:
 
         model, built_via = sd15.load_engine_model(options)
     else:
-        from engine.model import load_model
+        from fixative.engine.model import load_model
 
-        model, built_via = load_model(options), "engine.model.load_model from the tiny model's folder"
+        model, built_via = load_model(options), "fixative.engine.model.load_model from the tiny model's folder"
     build_seconds = time.perf_counter() - started
     device = model.device
     memory = memory_after_build(torch, device)
@@ -480,7 +480,7 @@ def mode_job(spec: dict) -> dict:
     log(f"{label} {seconds_per_step:.3f} s/step, overhead {overhead:.2f} s, peak {result['peak_bytes'] / 2**30:.2f} GiB")
 
     if spec.get("evaluate"):
-        from engine.model import load_model, pick_dtypes
+        from fixative.engine.model import load_model, pick_dtypes
 
         own = (model.vae.dtype, model.dtype)
         evaluator = model if own == (torch.float32, torch.float32) else load_evaluator(spec, str(device))

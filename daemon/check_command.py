@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.inbox_filter import IMAGE_SUFFIXES, ignore_reason
-from daemon.protect_command import EX_FAILED, EX_USAGE, strength_argument
+from fixative.daemon.inbox_filter import IMAGE_SUFFIXES, ignore_reason
+from fixative.daemon.protect_command import EX_FAILED, EX_USAGE, strength_argument
 
 DEFAULT_STEPS = 500  # LoRA steps: what diffusers' DreamBooth LoRA example trains for
 # A "protected copy" further than this from its original is some other picture:
@@ -88,7 +88,7 @@ def find_copy(original: Path, originals_dir: Path, protected_dir: Path) -> Path:
 
 def vet_copy(original_rgb, copy_rgb, original: Path, copy: Path) -> None:
     """Refuse a "protected copy" that is not one: another size, the original itself, or another picture."""
-    from engine.metrics import max_delta, psnr
+    from fixative.engine.metrics import max_delta, psnr
 
     if copy_rgb.shape != original_rgb.shape:
         height, width = original_rgb.shape[:2]
@@ -104,8 +104,8 @@ def vet_copy(original_rgb, copy_rgb, original: Path, copy: Path) -> None:
 
 
 def read(path: Path):
-    from engine.errors import BadImage
-    from engine.imaging import read_image
+    from fixative.engine.errors import BadImage
+    from fixative.engine.imaging import read_image
 
     try:
         return read_image(path)
@@ -194,8 +194,8 @@ def verdict(report: dict) -> list[str]:
 
 
 def _options(args: argparse.Namespace):
-    from daemon.settings import load_settings
-    from engine.options import EngineOptions
+    from fixative.daemon.settings import load_settings
+    from fixative.engine.options import EngineOptions
 
     configured = load_settings(args.config).engine.model_dump()
     flags = {name: getattr(args, name) for name in ("model", "mode", "strength", "device") if getattr(args, name) is not None}
@@ -227,7 +227,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace, options) -> int:
-    from engine.publishing import PIPELINES
+    from fixative.engine.publishing import PIPELINES
 
     unknown = [name for name in args.after if name not in PIPELINES]
     if unknown:
@@ -247,12 +247,12 @@ def _check(args: argparse.Namespace, options) -> int:
 
     from tqdm import tqdm
 
-    from engine import mimicry
-    from engine.errors import EngineError
-    from engine.model import load_model
-    from engine.pixels import to_rgb
-    from engine.protect import protect_image
-    from engine.publishing import serve
+    from fixative.engine import mimicry
+    from fixative.engine.errors import EngineError
+    from fixative.engine.model import load_model
+    from fixative.engine.pixels import to_rgb
+    from fixative.engine.protect import protect_image
+    from fixative.engine.publishing import serve
 
     try:
         protector = load_model(options, generation=True)

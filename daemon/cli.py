@@ -23,11 +23,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from daemon.inbox_filter import WatcherConfigError, ignore_reason
-from daemon.lock import EXIT_ALREADY_RUNNING, AlreadyRunning, hold
-from daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
-from daemon.status import printable
-from daemon.store import STATES, JobStore, StateDiskFull
+from fixative.daemon.inbox_filter import WatcherConfigError, ignore_reason
+from fixative.daemon.lock import EXIT_ALREADY_RUNNING, AlreadyRunning, hold
+from fixative.daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
+from fixative.daemon.status import printable
+from fixative.daemon.store import STATES, JobStore, StateDiskFull
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from daemon import check_command, protect_command
+    from fixative.daemon import check_command, protect_command
 
     protect_command.add_parsers(commands)
     check_command.add_parser(commands)
@@ -136,8 +136,8 @@ def _stop_event() -> threading.Event:
 
 def _watch(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from daemon.logs import configure_logging
-    from daemon.watcher import run_watcher
+    from fixative.daemon.logs import configure_logging
+    from fixative.daemon.watcher import run_watcher
 
     configure_logging(args.verbose)
     with hold(settings.state_dir, "watch"):
@@ -146,8 +146,8 @@ def _watch(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from daemon.logs import configure_logging
-    from daemon.worker import run_engine
+    from fixative.daemon.logs import configure_logging
+    from fixative.daemon.worker import run_engine
 
     configure_logging(args.verbose)
     with hold(settings.state_dir, "engine", inherited_fd=args.lock_fd):
@@ -156,12 +156,12 @@ def _engine(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from daemon.logs import configure_logging
-    from daemon.supervisor import run_daemon
+    from fixative.daemon.logs import configure_logging
+    from fixative.daemon.supervisor import run_daemon
 
     configure_logging(args.verbose)
     # The child reads the same config file as this process, with the same flags.
-    engine_command = [sys.executable, "-m", "daemon.cli"]
+    engine_command = [sys.executable, "-m", "fixative.daemon.cli"]
     if args.config:
         engine_command += ["--config", str(args.config.absolute())]
     if args.verbose:
@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from daemon.status import EXIT_DAEMON_DOWN, build_report, render
+    from fixative.daemon.status import EXIT_DAEMON_DOWN, build_report, render
 
     settings = _settings(args)
     code = EXIT_DAEMON_DOWN
@@ -268,7 +268,7 @@ def _enqueue_problem(path: Path, base: Path) -> str | None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from daemon.doctor import FAIL, render, run_checks
+    from fixative.daemon.doctor import FAIL, render, run_checks
 
     results = run_checks(_settings(args))
     print(render(results))
@@ -276,7 +276,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from fixative.daemon.demo import run_demo
 
     return run_demo(args.dir, args.timeout)
 

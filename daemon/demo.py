@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from daemon.status import render
+from fixative.daemon.status import render
 
 BANNER = "PIPELINE DEMO — random weights, this does NOT protect anything"
 LABEL = "PIPELINE-DEMO-random-weights-does-NOT-protect"
@@ -49,7 +49,7 @@ def run_demo(folder: Path | None, timeout: float) -> int:
 
 
 def _demo(root: Path, timeout: float, *, kept: bool) -> int:
-    from engine.tiny import build_tiny_model  # imports torch: only here, not for `fixative --help`
+    from fixative.engine.tiny import build_tiny_model  # imports torch: only here, not for `fixative --help`
 
     print(f"building a tiny random model in {root / LABEL} ...", flush=True)
     build_tiny_model(root / LABEL)
@@ -66,7 +66,7 @@ def _demo(root: Path, timeout: float, *, kept: bool) -> int:
     env.setdefault("OMP_NUM_THREADS", "1")
     print(f"starting the daemon: FIXATIVE_CONFIG={config} fixative run  (its log: {log_file})", flush=True)
     with open(log_file, "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=env,
+        daemon = subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "run"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT)
     report = None
     try:
@@ -137,8 +137,8 @@ def _make_samples(folder: Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    from engine.pixels import to_rgb
-    from engine.tiny import synthetic_paintings
+    from fixative.engine.pixels import to_rgb
+    from fixative.engine.tiny import synthetic_paintings
 
     rgb = [to_rgb(painting) for painting in synthetic_paintings(3, 320, seed=7)]
     yy, xx = np.mgrid[0:288, 0:256]
@@ -157,7 +157,7 @@ def _make_samples(folder: Path) -> Path:
 
 def _status(env: dict[str, str]) -> dict | None:
     """``fixative status --json``, the real command, as the user would run it."""
-    done = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json"], env=env,
+    done = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status", "--json"], env=env,
                           capture_output=True, text=True, timeout=60)
     try:
         return json.loads(done.stdout)

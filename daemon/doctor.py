@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from daemon.settings import Settings
+from fixative.daemon.settings import Settings
 
 OK, WARN, FAIL = "ok", "WARN", "FAIL"
 INOTIFY_SYSCTL = "fs.inotify.max_user_watches"
@@ -38,7 +38,7 @@ def run_checks(settings: Settings) -> list[tuple[str, str]]:
 def _engine_checks(settings: Settings) -> list[tuple[str, str]]:
     try:
         child = subprocess.run(
-            [sys.executable, "-c", "from daemon.doctor import probe; probe()", settings.engine.model_dump_json()],
+            [sys.executable, "-c", "from fixative.daemon.doctor import probe; probe()", settings.engine.model_dump_json()],
             capture_output=True, text=True, timeout=PROBE_TIMEOUT_SECONDS,
         )
     except subprocess.TimeoutExpired:
@@ -65,9 +65,9 @@ def probe() -> None:
     """Run in a child Python: report torch, the device and the model location as JSON on stdout."""
     import torch
 
-    from engine.errors import EngineError
-    from engine.model import pick_device, pick_dtypes, resolve_model_folder
-    from engine.options import EngineOptions
+    from fixative.engine.errors import EngineError
+    from fixative.engine.model import pick_device, pick_dtypes, resolve_model_folder
+    from fixative.engine.options import EngineOptions
 
     options = EngineOptions.model_validate_json(sys.argv[1])
     found: dict[str, str] = {"torch": torch.__version__}

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.options import STRENGTH_PRESETS
+from fixative.engine.options import STRENGTH_PRESETS
 
 EX_FAILED = 1
 EX_USAGE = 2
@@ -76,8 +76,8 @@ ENGINE_FLAGS = ("model", "mode", "strength", "steps", "seed", "device", "dtype",
 
 
 def _options(args: argparse.Namespace):
-    from daemon.settings import load_settings
-    from engine.options import EngineOptions
+    from fixative.daemon.settings import load_settings
+    from fixative.engine.options import EngineOptions
 
     configured = load_settings(args.config).engine.model_dump()
     flags = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
@@ -160,16 +160,16 @@ def run_protect(args: argparse.Namespace) -> int:
         except OSError as error:
             print(f"fixative: cannot create the output folder {args.output_dir}: {error.strerror or error}", file=sys.stderr)
             return EX_FAILED
-    from engine.imaging import OUTPUT_FORMATS
+    from fixative.engine.imaging import OUTPUT_FORMATS
 
     outputs = list(_output_paths(args.images, args.output_dir, OUTPUT_FORMATS[options.format]))
 
     from tqdm import tqdm
 
-    from daemon.worker import write_atomically
-    from engine.errors import EngineError
-    from engine.model import load_model
-    from engine.protect import protect_file
+    from fixative.daemon.worker import write_atomically
+    from fixative.engine.errors import EngineError
+    from fixative.engine.model import load_model
+    from fixative.engine.protect import protect_file
 
     try:
         model = load_model(options)
@@ -213,11 +213,11 @@ def run_protect(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from engine.model import pull_model
+    from fixative.engine.model import pull_model
 
     model_id = args.model_id
     if model_id is None:
-        from daemon.settings import load_settings
+        from fixative.daemon.settings import load_settings
 
         model_id = load_settings(args.config).engine.model
     print(f"downloading {model_id} (VAE, UNet, text encoder, configs; about 2.5 GB for SD 1.5) ...", file=sys.stderr)

@@ -27,8 +27,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from daemon.inbox_filter import WatcherConfigError, check_folders
-from engine.options import EngineOptions
+from fixative.daemon.inbox_filter import WatcherConfigError, check_folders
+from fixative.engine.options import EngineOptions
 
 # sysexits.h EX_CONFIG. The systemd unit has RestartPreventExitStatus=78, so a
 # config error stops the service instead of restarting it in a loop.

@@ -20,8 +20,8 @@ import time
 
 import structlog
 
-from daemon.status import free_bytes
-from daemon.store import StateDiskFull
+from fixative.daemon.status import free_bytes
+from fixative.daemon.store import StateDiskFull
 
 log = structlog.get_logger()
 

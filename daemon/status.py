@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.settings import Settings
-from daemon.store import STATES, Job, JobStore
+from fixative.daemon.settings import Settings
+from fixative.daemon.store import STATES, Job, JobStore
 
 # Both processes beat at least every 10 s (watcher 5 s, engine worker.heartbeat_seconds),
 # so a minute of silence means the process is gone.

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 
-from engine.options import EngineOptions
+from fixative.engine.options import EngineOptions
 
 STATES = ("queued", "running", "done", "failed", "skipped", "superseded")
 

@@ -28,12 +28,12 @@ import time
 
 import structlog
 
-from daemon.inbox_filter import WatcherConfigError
-from daemon.notify import notify, watchdog_interval
-from daemon.settings import EX_CONFIG, Settings
-from daemon.status import is_alive, is_healthy, looks_full
-from daemon.store import JobStore, StateDiskFull
-from daemon.worker import LOADING_STATUS, new_owner
+from fixative.daemon.inbox_filter import WatcherConfigError
+from fixative.daemon.notify import notify, watchdog_interval
+from fixative.daemon.settings import EX_CONFIG, Settings
+from fixative.daemon.status import is_alive, is_healthy, looks_full
+from fixative.daemon.store import JobStore, StateDiskFull
+from fixative.daemon.worker import LOADING_STATUS, new_owner
 
 log = structlog.get_logger()
 
@@ -71,7 +71,7 @@ class _WatcherThread(threading.Thread):
         self.exit_code: int | None = None
 
     def run(self) -> None:
-        from daemon.watcher import run_watcher
+        from fixative.daemon.watcher import run_watcher
 
         try:
             self.exit_code = run_watcher(self.settings, self.stop)

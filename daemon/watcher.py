@@ -35,11 +35,11 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from daemon.inbox_filter import WatcherConfigError, check_folders, ignore_reason, refusal_reason, skip_folder
-from daemon.settings import Settings
-from daemon.stability import Settled, StabilityTracker
-from daemon.state_disk import RETRY_SECONDS, Pause
-from daemon.store import JobStore, StateDiskFull
+from fixative.daemon.inbox_filter import WatcherConfigError, check_folders, ignore_reason, refusal_reason, skip_folder
+from fixative.daemon.settings import Settings
+from fixative.daemon.stability import Settled, StabilityTracker
+from fixative.daemon.state_disk import RETRY_SECONDS, Pause
+from fixative.daemon.store import JobStore, StateDiskFull
 
 __all__ = ["EXIT_OBSERVER_DIED", "WatcherConfigError", "run_watcher"]
 

@@ -53,13 +53,13 @@ from typing import Any
 
 import structlog
 
-from daemon.notify import notify, watchdog_interval
-from daemon.settings import EX_CONFIG, Settings
-from daemon.state_disk import RETRY_SECONDS, Pause
-from daemon.status import STALLED_AFTER_SECONDS
-from daemon.store import Job, JobStore, StateDiskFull, file_sha256
-from engine.errors import BadImage, EngineError, OutOfMemory  # plain exceptions: no torch
-from engine.options import EngineOptions
+from fixative.daemon.notify import notify, watchdog_interval
+from fixative.daemon.settings import EX_CONFIG, Settings
+from fixative.daemon.state_disk import RETRY_SECONDS, Pause
+from fixative.daemon.status import STALLED_AFTER_SECONDS
+from fixative.daemon.store import Job, JobStore, StateDiskFull, file_sha256
+from fixative.engine.errors import BadImage, EngineError, OutOfMemory  # plain exceptions: no torch
+from fixative.engine.options import EngineOptions
 
 log = structlog.get_logger()
 
@@ -171,7 +171,7 @@ class Engine:
         self.model_options: dict[str, Any] | None = None  # the MODEL_OPTIONS self.model was loaded with
 
     def run(self) -> int:
-        from daemon.logs import adopt_library_loggers
+        from fixative.daemon.logs import adopt_library_loggers
 
         self.pulse.start()
         try:
@@ -215,7 +215,7 @@ class Engine:
 
     def load(self, options: EngineOptions) -> None:
         """Load the model for ``options``, unless the one loaded already fits them."""
-        from engine.model import load_model
+        from fixative.engine.model import load_model
 
         wanted = {name: getattr(options, name) for name in MODEL_OPTIONS}
         if self.model is not None and wanted == self.model_options:
@@ -315,8 +315,8 @@ class Engine:
                     retry_in_seconds=None if permanent else backoff)
 
     def protect(self, job: Job) -> tuple[Path, dict[str, Any]]:
-        from engine.imaging import OUTPUT_FORMATS
-        from engine.protect import protect_bytes
+        from fixative.engine.imaging import OUTPUT_FORMATS
+        from fixative.engine.protect import protect_bytes
 
         source = Path(job.source_path)
         data = _read_source(source)  # hashed and decoded as read: nothing can be swapped in between

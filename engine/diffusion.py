@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from engine.model import LoadedModel
+from fixative.engine.model import LoadedModel
 
 
 def encode(model: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.pixels import to_model
+from fixative.engine.pixels import to_model
 
 BAND_PIXELS = 1 << 19
 """Pixels in one band of full-resolution work: 6 MB per float32 RGB copy, whatever the image size."""

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.errors import BadImage
+from fixative.engine.errors import BadImage
 
 MIN_SHORT_SIDE = 256
 """Smallest accepted short side, in pixels (see the module docstring for why we refuse)."""

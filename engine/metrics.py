@@ -25,11 +25,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode
-from engine.geometry import Geometry, bands
-from engine.model import LoadedModel
-from engine.options import EngineOptions
-from engine.publishing import serve
+from fixative.engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode
+from fixative.engine.geometry import Geometry, bands
+from fixative.engine.model import LoadedModel
+from fixative.engine.options import EngineOptions
+from fixative.engine.publishing import serve
 
 GAIN_SAMPLES = 16
 GAIN_SEED = 20230214  # fixed, so the same image scores the same in every run and mode

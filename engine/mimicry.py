@@ -42,9 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode
-from engine.model import LoadedModel
-from engine.pixels import to_model
+from fixative.engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode
+from fixative.engine.model import LoadedModel
+from fixative.engine.pixels import to_model
 
 # The mimic's recipe: diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py.
 LORA_RANK = 4

@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from engine.errors import ModelError, UnsupportedDevice
-from engine.options import EngineOptions
+from fixative.engine.errors import ModelError, UnsupportedDevice
+from fixative.engine.options import EngineOptions
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

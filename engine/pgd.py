@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from engine.geometry import Geometry
+from fixative.engine.geometry import Geometry
 
 Progress = Callable[[int, int, float], None]
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

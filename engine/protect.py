@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from engine.attacks import ATTACKS
-from engine.errors import OutOfMemory
-from engine.geometry import Geometry
-from engine.imaging import (
+from fixative.engine.attacks import ATTACKS
+from fixative.engine.errors import OutOfMemory
+from fixative.engine.geometry import Geometry
+from fixative.engine.imaging import (
     LOSSY_FORMATS,
     OUTPUT_FORMATS,
     SourceImage,
@@ -40,12 +40,12 @@ from engine.imaging import (
     read_back_rgb,
     read_image,
 )
-from engine.metrics import as_seen, effect_figure, max_delta, protection_figures, psnr, served_figures, ssim
-from engine.model import LoadedModel
-from engine.options import EngineOptions
-from engine.pgd import Progress, run_pgd
-from engine.publishing import REPORTED_PIPELINES
-from engine.transforms import PublishingTransform
+from fixative.engine.metrics import as_seen, effect_figure, max_delta, protection_figures, psnr, served_figures, ssim
+from fixative.engine.model import LoadedModel
+from fixative.engine.options import EngineOptions
+from fixative.engine.pgd import Progress, run_pgd
+from fixative.engine.publishing import REPORTED_PIPELINES
+from fixative.engine.transforms import PublishingTransform
 
 
 @dataclass

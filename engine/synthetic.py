@@ -24,8 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.pixels import to_model, to_rgb
-from engine.publishing import jpeg
+from fixative.engine.pixels import to_model, to_rgb
+from fixative.engine.publishing import jpeg
 
 Generator = Callable[[int, int, np.random.Generator], np.ndarray]
 

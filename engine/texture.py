@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.diffusion import encode
-from engine.imaging import read_image
-from engine.model import LoadedModel
-from engine.pixels import to_model
+from fixative.engine.diffusion import encode
+from fixative.engine.imaging import read_image
+from fixative.engine.model import LoadedModel
+from fixative.engine.pixels import to_model
 
 
 def default_texture(height: int, width: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from engine.synthetic import family_images, pretraining_set
+from fixative.engine.synthetic import family_images, pretraining_set
 
 # UNet sample size 16 latents -> 128 px training resolution, small enough to
 # train on two CPU cores in about a minute.

@@ -36,7 +36,7 @@ def _tiny_key() -> str:
 @pytest.fixture(scope="session")
 def tiny_model(request: pytest.FixtureRequest) -> Path:
     """A diffusers folder holding the tiny SD-shaped model, its VAE and UNet briefly trained."""
-    from engine.tiny import build_tiny_model, train_tiny_model
+    from fixative.engine.tiny import build_tiny_model, train_tiny_model
 
     cache = Path(request.config.cache.mkdir("fixative-tiny-models"))
     folder = cache / _tiny_key()
@@ -54,7 +54,7 @@ def tiny_model(request: pytest.FixtureRequest) -> Path:
 
 def painting(height: int = 300, width: int = 400, seed: int = 5) -> np.ndarray:
     """A synthetic painting, uint8 H x W x 3, with smooth fields and hard edges like real artwork."""
-    from engine.tiny import synthetic_paintings
+    from fixative.engine.tiny import synthetic_paintings
 
     side = max(height, width)
     image = synthetic_paintings(1, side, seed=seed)[0].permute(1, 2, 0).numpy()

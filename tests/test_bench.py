@@ -58,15 +58,15 @@ def test_sd15_configs_are_stable_diffusion_1_5():
 
 @pytest.mark.slow
 def test_full_scale_model_goes_through_the_engine_s_assembly():
-    """No patching of engine.model's private loaders: the bench hands its in-memory parts to assemble_model."""
+    """No patching of fixative.engine.model's private loaders: the bench hands its in-memory parts to assemble_model."""
     import torch
 
-    import engine.model
-    from engine.options import EngineOptions
+    import fixative.engine.model
+    from fixative.engine.options import EngineOptions
 
-    before = dict(vars(engine.model))
+    before = dict(vars(fixative.engine.model))
     model, how = _import_sd15().load_engine_model(EngineOptions(device="cpu", dtype="bf16", low_vram=True))
-    assert vars(engine.model) == before
+    assert vars(fixative.engine.model) == before
     assert "assemble_model" in how
     assert model.vae.decoder is None and model.unet.is_gradient_checkpointing
     assert (model.resolution, model.size_multiple) == (512, 64)

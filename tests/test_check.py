@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from conftest import painting
-from daemon.check_command import LABEL_WIDTH, TILE
-from daemon.cli import main
+from fixative.daemon.check_command import LABEL_WIDTH, TILE
+from fixative.daemon.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_check_end_to_end(tmp_path: Path, config: Path):
     out = tmp_path / "out"
     env = {**os.environ, "FIXATIVE_CONFIG": str(config), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "check", str(folder), "--steps", "30", "--after", "jpeg75",
+        [sys.executable, "-m", "fixative.daemon.cli", "check", str(folder), "--steps", "30", "--after", "jpeg75",
          "--guidance", "1", "-o", str(out)],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )
@@ -78,9 +78,9 @@ def test_check_end_to_end(tmp_path: Path, config: Path):
 
 
 def test_the_clean_lora_learns_and_leaves_the_base_model_untouched(tiny_model: Path):
-    from engine import mimicry
-    from engine.model import load_model
-    from engine.options import EngineOptions
+    from fixative.engine import mimicry
+    from fixative.engine.model import load_model
+    from fixative.engine.options import EngineOptions
 
     model = mimicry.with_prompt(load_model(EngineOptions(model=str(tiny_model), device="cpu"), generation=True), "a painting in the style of sks")
     works = [painting(256, 256, seed=40 + i) for i in range(4)]
@@ -136,7 +136,7 @@ def test_a_pickle_checkpoint_is_refused(tmp_path: Path, config: Path, capsys):
 
 
 def test_the_verdict_does_not_claim_what_the_run_cannot_show():
-    from daemon.check_command import verdict
+    from fixative.daemon.check_command import verdict
 
     def figures(loss: float, gram: float) -> dict:
         return {"loss_trained_originals": loss, "loss_held_out_originals": None, "colour_distance": 0.4,

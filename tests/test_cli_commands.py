@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import build_parser
-from daemon.store import JobStore
-from engine.options import EngineOptions
+from fixative.daemon.cli import build_parser
+from fixative.daemon.store import JobStore
+from fixative.engine.options import EngineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def fixative(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fixative.daemon.cli", *argv], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=60)
 
 
@@ -89,7 +89,7 @@ def test_a_newline_in_a_file_name_stays_on_its_job_line(env: dict[str, str], tmp
 def test_a_reader_that_stops_early_is_no_error(env: dict[str, str]) -> None:
     # `fixative status | head -1`: the pipe closes before status has written everything.
     for command in ("status", "list"):
-        process = subprocess.Popen([sys.executable, "-m", "daemon.cli", command], cwd=REPO, env=env,
+        process = subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", command], cwd=REPO, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         process.stdout.close()
         stderr = process.stderr.read().decode()
@@ -98,10 +98,10 @@ def test_a_reader_that_stops_early_is_no_error(env: dict[str, str]) -> None:
 
 
 def imported_by(env: dict[str, str], *argv: str) -> set[str]:
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "daemon.cli", *argv], capture_output=True,
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "fixative.daemon.cli", *argv], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=60)
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
-    assert "daemon.settings" in imported  # the import log is really there
+    assert "fixative.daemon.settings" in imported  # the import log is really there
     return {name.split(".")[0] for name in imported}
 
 

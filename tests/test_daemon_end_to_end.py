@@ -31,8 +31,8 @@ import pytest
 from PIL import Image
 
 from conftest import painting
-from daemon.settings import EX_CONFIG
-from daemon.store import JobStore
+from fixative.daemon.settings import EX_CONFIG
+from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -72,7 +72,7 @@ device = "cpu"
 
     def start(self, *, wait: bool = True) -> Daemon:
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=self.env, cwd=REPO,
+            self.process = subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "run"], env=self.env, cwd=REPO,
                                             stdout=log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_for(lambda: self.beat("watcher"), "the watcher to beat")
@@ -106,7 +106,7 @@ device = "cpu"
         return counts["done"] + counts["failed"] + counts["skipped"] >= count and not counts["queued"] + counts["running"]
 
     def status(self) -> dict:
-        done = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json"], env=self.env, cwd=REPO,
+        done = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status", "--json"], env=self.env, cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         return json.loads(done.stdout)
 
@@ -199,7 +199,7 @@ def test_dropped_files_come_out_protected_and_bad_ones_are_reported(daemon: Daem
         # What survives the common ways a platform serves an upload (engine.publishing).
         assert set(metrics["survival"]) == {"jpeg85", "jpeg75", "half+jpeg75"}
         assert all(served["protection_gain"] > 0 for served in metrics["survival"].values())
-    text = subprocess.run([sys.executable, "-m", "daemon.cli", "status"], env=daemon.env, cwd=REPO,
+    text = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status"], env=daemon.env, cwd=REPO,
                           capture_output=True, text=True, timeout=60).stdout
     assert "survives: jpeg85 " in text and " · half+jpeg75 " in text
     failures = {Path(f["path"]).name: f for f in report["failures"]}
@@ -292,7 +292,7 @@ def test_a_file_that_changes_after_it_was_queued_is_queued_again_not_failed(daem
 
     report = daemon.status()
     assert report["failures"] == [] and report["counts"]["failed"] == 0
-    retry = subprocess.run([sys.executable, "-m", "daemon.cli", "retry", "--failed"], env=daemon.env, cwd=REPO,
+    retry = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "retry", "--failed"], env=daemon.env, cwd=REPO,
                            capture_output=True, text=True, timeout=60)
     assert "queued again: 0 job(s)" in retry.stdout
     assert daemon.stop() == 0
@@ -338,7 +338,7 @@ def test_an_unwritable_export_folder_holds_the_job_with_a_reason_until_fixed(dae
     assert "cannot write in the export folder" in failure["error"]
     assert reason in failure["error"]
     assert str(daemon.export) in failure["error"]
-    text = subprocess.run([sys.executable, "-m", "daemon.cli", "status"], env=daemon.env, cwd=REPO,
+    text = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status"], env=daemon.env, cwd=REPO,
                           capture_output=True, text=True, timeout=60).stdout
     assert "cannot write in the export folder" in text
     time.sleep(2)  # a few more tries while it is broken...
@@ -369,7 +369,7 @@ def test_run_and_watch_exit_78_naming_the_key(tmp_path: Path, config: str, messa
     file.write_text(f'inbox = "{inbox}"\nstate_dir = "{tmp_path / "state"}"\n' + config.replace("INBOX", str(inbox)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIXATIVE_")} | {"HOME": str(tmp_path)}
     for command in ("run", "watch"):
-        done = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(file), command], env=env, cwd=REPO,
+        done = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "--config", str(file), command], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == EX_CONFIG, done.stderr
         assert done.stderr.startswith("fixative: config: ") and message in done.stderr

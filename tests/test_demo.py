@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from daemon.demo import BANNER, LABEL, SAMPLES
-from daemon.store import JobStore
+from fixative.daemon.demo import BANNER, LABEL, SAMPLES
+from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def user_env(tmp_path: Path) -> dict[str, str]:
 
 
 def demo(env: dict[str, str], *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", "demo", *argv], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "demo", *argv], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 

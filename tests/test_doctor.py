@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.doctor import CPU_SPEED, FAIL, OK, _folder_checks
-from daemon.settings import Settings
-from daemon.watcher import WatcherConfigError, run_watcher
+from fixative.daemon.doctor import CPU_SPEED, FAIL, OK, _folder_checks
+from fixative.daemon.settings import Settings
+from fixative.daemon.watcher import WatcherConfigError, run_watcher
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

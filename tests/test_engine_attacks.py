@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-import engine.pgd
-from engine.geometry import Geometry
-from engine.metrics import protection_figures
-from engine.model import LoadedModel, load_model
-from engine.options import EngineOptions
-from engine.pixels import to_model
-from engine.protect import Protected, protect_file
+import fixative.engine.pgd
+from fixative.engine.geometry import Geometry
+from fixative.engine.metrics import protection_figures
+from fixative.engine.model import LoadedModel, load_model
+from fixative.engine.options import EngineOptions
+from fixative.engine.pixels import to_model
+from fixative.engine.protect import Protected, protect_file
 from conftest import painting
 
 REPORT_KEYS = {
@@ -63,7 +63,7 @@ def mode_run(model: LoadedModel, small_png: Path):
         if mode not in cache:
             calls: list[tuple[int, int, float]] = []
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(engine.pgd, "PROGRESS_INTERVAL_SECONDS", 0.0)  # report every step
+                patch.setattr(fixative.engine.pgd, "PROGRESS_INTERVAL_SECONDS", 0.0)  # report every step
                 options = EngineOptions(model=model.source, device="cpu", dtype="fp32", mode=mode, steps=FAST_STEPS)
                 result = protect_file(small_png, model, options, lambda *args: calls.append(args))
             cache[mode] = (result, calls)

@@ -1,4 +1,4 @@
-"""engine.model.load_model through its real loading path: folders, HF cache ids, refusals, devices, dtypes."""
+"""fixative.engine.model.load_model through its real loading path: folders, HF cache ids, refusals, devices, dtypes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.errors import ModelError, UnsupportedDevice
-from engine.model import LoadedModel, assemble_model, load_model, resolve_model_folder
-from engine.options import EngineOptions
+from fixative.engine.errors import ModelError, UnsupportedDevice
+from fixative.engine.model import LoadedModel, assemble_model, load_model, resolve_model_folder
+from fixative.engine.options import EngineOptions
 
 FAKE_REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -205,12 +205,12 @@ ICE_LAKE_FLAGS = "flags\t\t: fpu sse sse2 avx2 avx512f avx512bw avx512_vnni avx5
 def test_auto_dtype_on_cpu_puts_only_the_vae_in_bf16_where_the_cpu_computes_it_natively(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpuinfo: str | None, vae_dtype: torch.dtype
 ) -> None:
-    import engine.model
+    import fixative.engine.model
 
     fake = tmp_path / "cpuinfo"
     if cpuinfo is not None:
         fake.write_text("processor\t: 0\n" + cpuinfo)
-    monkeypatch.setattr(engine.model, "CPUINFO", fake)
+    monkeypatch.setattr(fixative.engine.model, "CPUINFO", fake)
     model = load_model(options(tiny_model))  # dtype defaults to auto
     assert EngineOptions().dtype == "auto"
     # Measured on such a CPU: the VAE runs 2x faster in bf16, the UNet's backward slower.

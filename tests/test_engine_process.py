@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from daemon.settings import load_settings
-from daemon.store import JobStore
+from fixative.daemon.settings import load_settings
+from fixative.daemon.store import JobStore
 from conftest import painting
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def systemd(daemon_env) -> socket.socket:
 
 
 def start(env: dict[str, str], command: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "daemon.cli", command], env=env, cwd=REPO)
+    return subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", command], env=env, cwd=REPO)
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 240) -> object:
@@ -113,7 +113,7 @@ def test_a_job_is_protected_with_the_settings_it_was_queued_with(daemon_env) -> 
     env, root = daemon_env
     config = root / "config.toml"
     save_painting(root / "inbox" / "a.png", seed=4)
-    fixative = [sys.executable, "-m", "daemon.cli"]
+    fixative = [sys.executable, "-m", "fixative.daemon.cli"]
     subprocess.run([*fixative, "enqueue", str(root / "inbox" / "a.png")], env=env, cwd=REPO, check=True)
     # The artist edits the settings while the job waits; the engine (re)starts after that.
     config.write_text(config.read_text().replace("steps = 4", "steps = 2\nstrength = 16"))
@@ -147,7 +147,7 @@ def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, syst
 
         # The supervisor puts the dead engine's job back at once (before it restarts the engine, 5 s later)...
         wait_for(lambda: store.get(running.id).state == "queued", "the job back in the queue", timeout=20)
-        status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json"], env=env, cwd=REPO,
+        status = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status", "--json"], env=env, cwd=REPO,
                                 capture_output=True, text=True)
         report = json.loads(status.stdout)
         assert report["running"] is None and report["counts"]["running"] == 0
@@ -159,7 +159,7 @@ def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, syst
         assert store.processes()["engine"]["pid"] != victim
         assert store.get(running.id).attempts == 2
 
-        status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json"], env=env, cwd=REPO,
+        status = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status", "--json"], env=env, cwd=REPO,
                                 capture_output=True, text=True)
         report = json.loads(status.stdout)
         assert status.returncode == 0 and report["counts"]["done"] == 2 and report["failures"] == []

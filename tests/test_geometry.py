@@ -1,4 +1,4 @@
-"""engine.geometry: the working size, padding and the maps between full and working resolution. Pure and fast."""
+"""fixative.engine.geometry: the working size, padding and the maps between full and working resolution. Pure and fast."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.geometry import Geometry
-from engine.imaging import MAX_PIXELS, MIN_SHORT_SIDE
+from fixative.engine.geometry import Geometry
+from fixative.engine.imaging import MAX_PIXELS, MIN_SHORT_SIDE
 
 SD15 = (512, 64)  # SD 1.5: training resolution, model-input multiple
 TINY = (128, 16)  # the test model

@@ -1,4 +1,4 @@
-"""engine.imaging: real files written with Pillow into tmp_path, no mocks."""
+"""fixative.engine.imaging: real files written with Pillow into tmp_path, no mocks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageCms, JpegImagePlugin
 
 from conftest import painting
-from engine.errors import BadImage
-from engine.imaging import (
+from fixative.engine.errors import BadImage
+from fixative.engine.imaging import (
     MAX_PIXELS,
     MIN_SHORT_SIDE,
     ORIENTATION,

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.inbox_filter import WatcherConfigError, check_folders, ignore_reason, refusal_reason
+from fixative.daemon.inbox_filter import WatcherConfigError, check_folders, ignore_reason, refusal_reason
 
 INBOX = Path("/home/artist/ToProtect")
 

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import engine.geometry
-from engine.geometry import Geometry
-from engine.metrics import max_delta, psnr, ssim
-from engine.model import load_model
-from engine.options import EngineOptions
-from engine.protect import protect_file
+import fixative.engine.geometry
+from fixative.engine.geometry import Geometry
+from fixative.engine.metrics import max_delta, psnr, ssim
+from fixative.engine.model import load_model
+from fixative.engine.options import EngineOptions
+from fixative.engine.protect import protect_file
 from conftest import painting
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ SHAPES = [(300, 400), (257, 1500), (1200, 256), (512, 512)]
 @pytest.fixture(autouse=True)
 def small_bands(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bands of 2**13 pixels instead of 2**19, so that small images (fast oracles) cross many band edges."""
-    monkeypatch.setattr(engine.geometry, "BAND_PIXELS", 2**13)
+    monkeypatch.setattr(fixative.engine.geometry, "BAND_PIXELS", 2**13)
 
 
 def whole_ssim(original: np.ndarray, protected: np.ndarray) -> float:
@@ -126,11 +126,11 @@ def test_running_out_of_memory_is_the_engine_s_own_error(tiny_model: Path) -> No
     code = f"""
 import resource, sys
 import numpy as np
-from engine.errors import OutOfMemory
-from engine.model import load_model
-from engine.options import EngineOptions
-from engine.imaging import SourceImage
-from engine.protect import protect_image
+from fixative.engine.errors import OutOfMemory
+from fixative.engine.model import load_model
+from fixative.engine.options import EngineOptions
+from fixative.engine.imaging import SourceImage
+from fixative.engine.protect import protect_image
 model = load_model(EngineOptions(model={str(tiny_model)!r}, device="cpu", steps=1))
 source = SourceImage.from_rgb(np.full((8000, 6000, 3), 128, np.uint8))
 size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.notify import notify, watchdog_interval
+from fixative.daemon.notify import notify, watchdog_interval
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_watchdog_interval_is_half_of_watchdogsec(monkeypatch: pytest.MonkeyPatc
 def test_logs_are_json_lines_off_a_terminal_including_library_loggers() -> None:
     code = """
 import logging, structlog
-from daemon.logs import configure_logging
+from fixative.daemon.logs import configure_logging
 configure_logging()
 structlog.get_logger().info("job.done", job_id=3, psnr=39.5)
 logging.getLogger("diffusers.models").warning("library says %s", "hi")

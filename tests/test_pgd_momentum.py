@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import engine.pgd
-from engine.imaging import SourceImage, read_back_rgb, read_image
-from engine.model import LoadedModel, load_model
-from engine.options import EngineOptions
-from engine.protect import protect_image
-from engine.synthetic import family_images
+import fixative.engine.pgd
+from fixative.engine.imaging import SourceImage, read_back_rgb, read_image
+from fixative.engine.model import LoadedModel, load_model
+from fixative.engine.options import EngineOptions
+from fixative.engine.protect import protect_image
+from fixative.engine.synthetic import family_images
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def model(tiny_model: Path) -> LoadedModel:
 def test_momentum_keeps_the_saved_file_within_the_budget(model: LoadedModel, painting_png: Path, strength: int) -> None:
     source = read_image(painting_png)
     options = EngineOptions(model=model.source, device="cpu", dtype="fp32", strength=strength, steps=10)
-    assert engine.pgd.MOMENTUM > 0 and options.robust
+    assert fixative.engine.pgd.MOMENTUM > 0 and options.robust
     protected = protect_image(source, model, options)
     changes = np.abs(source.rgb.astype(np.int16) - read_back_rgb(protected.data).astype(np.int16))
     assert changes.max() <= strength
@@ -43,13 +43,13 @@ def test_momentum_beats_fixed_sign_steps_at_equal_steps(model: LoadedModel, monk
     source = SourceImage(rgb=rgb.astype(np.uint8), alpha=None, icc_profile=None, dpi=None, exif=None, notes=())
     options = EngineOptions(model=model.source, device="cpu", dtype="fp32", steps=25, seed=0)
     after_jpeg = {}
-    for decay in (0.0, engine.pgd.MOMENTUM):
-        monkeypatch.setattr(engine.pgd, "MOMENTUM", decay)
+    for decay in (0.0, fixative.engine.pgd.MOMENTUM):
+        monkeypatch.setattr(fixative.engine.pgd, "MOMENTUM", decay)
         report = protect_image(source, model, options).report
         after_jpeg[decay] = report["survival"]["jpeg75"]["protection_gain"] - 1
         print(f"momentum {decay}: gain {report['protection_gain']:.4f}, after jpeg75 1 + {after_jpeg[decay]:.4f}")
     # Measured: 1.0041 with fixed steps, 1.0063 with momentum after Pillow's JPEG q75
     # (what a fine-tuner trains on once a platform serves the image): 1.5x the effect.
     # Over 3 seeds x 3 images, momentum won every pair (bench/README.md, "Step schedule").
-    assert after_jpeg[engine.pgd.MOMENTUM] > 1.3 * after_jpeg[0.0] > 0
+    assert after_jpeg[fixative.engine.pgd.MOMENTUM] > 1.3 * after_jpeg[0.0] > 0
 

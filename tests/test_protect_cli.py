@@ -48,7 +48,7 @@ def env(tmp_path: Path, tiny_model: Path) -> dict[str, str]:
 
 
 def fixative(env: dict[str, str], *argv: str, script: bool = False) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "fixative")] if script else [sys.executable, "-m", "daemon.cli"]
+    command = [str(Path(sys.executable).parent / "fixative")] if script else [sys.executable, "-m", "fixative.daemon.cli"]
     return subprocess.run([*command, *argv], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 

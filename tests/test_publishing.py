@@ -1,11 +1,11 @@
-"""engine.publishing: the real serving pipelines that survival is measured against."""
+"""fixative.engine.publishing: the real serving pipelines that survival is measured against."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine.publishing import PIPELINES, REPORTED_PIPELINES, serve
+from fixative.engine.publishing import PIPELINES, REPORTED_PIPELINES, serve
 from conftest import painting
 
 

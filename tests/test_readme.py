@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from daemon.cli import build_parser
-from daemon.settings import Settings
+from fixative.daemon.cli import build_parser
+from fixative.daemon.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

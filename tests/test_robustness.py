@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.imaging import SourceImage, read_image
-from engine.model import LoadedModel, load_model
-from engine.options import EngineOptions
-from engine.pixels import to_model, to_rgb
-from engine.protect import protect_image
-from engine.publishing import REPORTED_PIPELINES, serve
-from engine.synthetic import family_images
-from engine.transforms import PublishingTransform, jpeg
+from fixative.engine.imaging import SourceImage, read_image
+from fixative.engine.model import LoadedModel, load_model
+from fixative.engine.options import EngineOptions
+from fixative.engine.pixels import to_model, to_rgb
+from fixative.engine.protect import protect_image
+from fixative.engine.publishing import REPORTED_PIPELINES, serve
+from fixative.engine.synthetic import family_images
+from fixative.engine.transforms import PublishingTransform, jpeg
 from conftest import painting
 
 

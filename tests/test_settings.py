@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
+from fixative.daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,11 +138,11 @@ def test_cli_exits_78_and_names_the_key(tmp_path: Path) -> None:
     config = write(tmp_path / "c.toml", "[engine]\nsteps = 0\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIXATIVE_")}
     for argv in (["--config", str(config), "status"], ["--config", str(tmp_path / "missing.toml"), "list"]):
-        done = subprocess.run([sys.executable, "-m", "daemon.cli", *argv], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", *argv], capture_output=True, text=True,
                               cwd=REPO, env=env)
         assert done.returncode == EX_CONFIG, done.stderr
         assert done.stdout == ""
     assert "engine.steps: must be ≥ 1 (got 0)" in subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "--config", str(config), "status"],
+        [sys.executable, "-m", "fixative.daemon.cli", "--config", str(config), "status"],
         capture_output=True, text=True, cwd=REPO, env=env,
     ).stderr

@@ -1,6 +1,6 @@
 import os
 
-from daemon.stability import Settled, StabilityTracker
+from fixative.daemon.stability import Settled, StabilityTracker
 
 
 def _write(path, data, mtime_ns):

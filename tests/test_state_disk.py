@@ -53,7 +53,7 @@ def test_a_full_state_disk_pauses_the_daemon_until_there_is_space(small_state_di
         daemon.wait_for(lambda: "watcher.state_disk_full" in daemon.log.read_text(), "the watcher to log the wait")
         assert daemon.process.poll() is None  # `fixative run` waits rather than exiting 1
         (tmp_path / "by-hand.png").write_bytes(png_bytes(2))  # on another disk: only the job table is full
-        by_hand = subprocess.run([sys.executable, "-m", "daemon.cli", "enqueue", str(tmp_path / "by-hand.png")],
+        by_hand = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "enqueue", str(tmp_path / "by-hand.png")],
                                  env=daemon.env, cwd=daemon.root, capture_output=True, text=True, timeout=60)
         assert by_hand.returncode == 1 and "Traceback" not in by_hand.stderr
         assert by_hand.stderr.startswith("fixative: the state folder's disk is full"), by_hand.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.lock import EXIT_ALREADY_RUNNING, LOCK_FILE
-from daemon.store import JobStore
+from fixative.daemon.lock import EXIT_ALREADY_RUNNING, LOCK_FILE
+from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,12 +34,12 @@ heartbeat_seconds = 0.5
 
 def start(env: dict[str, str], command: str, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "daemon.cli", command], env=env, cwd=REPO,
+        return subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", command], env=env, cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
 def refused(env: dict[str, str], command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", command], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "fixative.daemon.cli", command], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 

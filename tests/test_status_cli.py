@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.status import EXIT_DAEMON_DOWN
-from daemon.store import JobStore
-from engine.options import EngineOptions
+from fixative.daemon.status import EXIT_DAEMON_DOWN
+from fixative.daemon.store import JobStore
+from fixative.engine.options import EngineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def fixative(env: dict[str, str], *argv: str, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *python_flags, "-m", "daemon.cli", *argv],
+    return subprocess.run([sys.executable, *python_flags, "-m", "fixative.daemon.cli", *argv],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
 
 
@@ -93,7 +93,7 @@ def test_status_never_imports_torch(env: dict[str, str], tmp_path: Path) -> None
     done = fixative(env, "status", "--json", python_flags=("-X", "importtime"))
     json.loads(done.stdout)
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
-    assert "daemon.store" in imported  # the import log is really there
+    assert "fixative.daemon.store" in imported  # the import log is really there
     heavy = sorted(name for name in imported if name.split(".")[0] in {"torch", "diffusers", "transformers"})
     assert heavy == []
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.store import MIGRATIONS, STATES, JobStore
-from engine.options import EngineOptions
+from fixative.daemon.store import MIGRATIONS, STATES, JobStore
+from fixative.engine.options import EngineOptions
 
 OPTIONS = EngineOptions()
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.lock import EXIT_ALREADY_RUNNING
-from daemon.settings import EX_CONFIG
-from daemon.status import STALLED_AFTER_SECONDS
+from fixative.daemon.lock import EXIT_ALREADY_RUNNING
+from fixative.daemon.settings import EX_CONFIG
+from fixative.daemon.status import STALLED_AFTER_SECONDS
 from test_daemon_end_to_end import Daemon
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "fixative.service"

@@ -17,10 +17,10 @@ from PIL import Image
 from watchdog.events import FileClosedNoWriteEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent
 from watchdog.observers import Observer
 
-from daemon import watcher
-from daemon.settings import Settings
-from daemon.store import JobStore
-from daemon.watcher import EXIT_OBSERVER_DIED, WatcherConfigError, _EventRecorder, run_watcher
+from fixative.daemon import watcher
+from fixative.daemon.settings import Settings
+from fixative.daemon.store import JobStore
+from fixative.daemon.watcher import EXIT_OBSERVER_DIED, WatcherConfigError, _EventRecorder, run_watcher
 
 STABILITY = 0.5
 

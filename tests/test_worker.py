@@ -1,7 +1,7 @@
 """The engine worker: where outputs go, what each failure means, stopping, archiving.
 
-Most tests drive :class:`daemon.worker.Engine` in-process with a stand-in for
-``engine.protect.protect_bytes``, on a real job table and real folders, so they
+Most tests drive :class:`fixative.daemon.worker.Engine` in-process with a stand-in for
+``fixative.engine.protect.protect_bytes``, on a real job table and real folders, so they
 run in milliseconds. ``tests/test_engine_process.py`` runs the real thing.
 """
 
@@ -19,15 +19,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import daemon.worker
-import engine.model
-import engine.protect
-from daemon.settings import Settings
-from daemon.status import build_report, render
-from daemon.store import JobStore
-from daemon.worker import Engine, write_atomically
-from engine.errors import BadImage, OutOfMemory
-from engine.protect import Protected
+import fixative.daemon.worker
+import fixative.engine.model
+import fixative.engine.protect
+from fixative.daemon.settings import Settings
+from fixative.daemon.status import build_report, render
+from fixative.daemon.store import JobStore
+from fixative.daemon.worker import Engine, write_atomically
+from fixative.engine.errors import BadImage, OutOfMemory
+from fixative.engine.protect import Protected
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list:
         loads.append(options)
         return SimpleNamespace(device=torch.device("cpu"), options=options)
 
-    monkeypatch.setattr(engine.model, "load_model", fake)
+    monkeypatch.setattr(fixative.engine.model, "load_model", fake)
     return loads
 
 
@@ -74,7 +74,7 @@ def protect(monkeypatch: pytest.MonkeyPatch) -> list:
             raise raising.pop(0)
         return Protected(data=b"protected " + data, suffix=".png", report={"psnr": 40.0})
 
-    monkeypatch.setattr(engine.protect, "protect_bytes", fake)
+    monkeypatch.setattr(fixative.engine.protect, "protect_bytes", fake)
     return raising
 
 
@@ -164,7 +164,7 @@ def test_out_of_memory_again_fails_for_good(worker, store, settings, protect) ->
 
 def test_the_worker_leaves_torch_to_the_engine() -> None:
     """Out of memory arrives as the engine's own error; the daemon never imports torch, not even to catch it."""
-    tree = ast.parse(Path(daemon.worker.__file__).read_text())
+    tree = ast.parse(Path(fixative.daemon.worker.__file__).read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert "torch" not in imported
@@ -172,7 +172,7 @@ def test_the_worker_leaves_torch_to_the_engine() -> None:
 
 def test_stop_releases_a_long_job(worker, store, settings, protect, monkeypatch) -> None:
     store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
-    monkeypatch.setattr("daemon.worker.FINISH_ON_STOP_SECONDS", -1)  # every job is "too long" to finish
+    monkeypatch.setattr("fixative.daemon.worker.FINISH_ON_STOP_SECONDS", -1)  # every job is "too long" to finish
     worker.stop.set()  # SIGTERM arrived
     job = run_one(worker, store)
     assert (job.state, job.attempts, job.error) == ("queued", 0, None)

@@ -6,9 +6,9 @@ objective's gradient, accumulated with momentum (up if ``attack.maximize``, else
 the figure reported to the progress callback.
 """
 
-from engine.attacks.advdm import AdvDM
-from engine.attacks.encoder import EncoderAttack
-from engine.attacks.mist import Mist
-from engine.attacks.sds import SDS
+from fixative.engine.attacks.advdm import AdvDM
+from fixative.engine.attacks.encoder import EncoderAttack
+from fixative.engine.attacks.mist import Mist
+from fixative.engine.attacks.sds import SDS
 
 ATTACKS = {"advdm": AdvDM, "mist": Mist, "sds": SDS, "encoder": EncoderAttack}

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.diffusion import encode
-from engine.model import LoadedModel
-from engine.options import EngineOptions
-from engine.texture import target_latent
+from fixative.engine.diffusion import encode
+from fixative.engine.model import LoadedModel
+from fixative.engine.options import EngineOptions
+from fixative.engine.texture import target_latent
 
 
 class EncoderAttack:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.diffusion import diffusion_loss, draw_timesteps_and_noise, latent_objective
-from engine.model import LoadedModel
-from engine.options import EngineOptions
-from engine.texture import target_latent
+from fixative.engine.diffusion import diffusion_loss, draw_timesteps_and_noise, latent_objective
+from fixative.engine.model import LoadedModel
+from fixative.engine.options import EngineOptions
+from fixative.engine.texture import target_latent
 
 
 class Mist:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode, sample_latent
-from engine.model import LoadedModel
-from engine.options import EngineOptions
+from fixative.engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode, sample_latent
+from fixative.engine.model import LoadedModel
+from fixative.engine.options import EngineOptions
 
 
 class SDS:
