@@ -16,8 +16,8 @@ Pillow's real codecs), with the original put through the same pipeline, so
 the ratio isolates what is left of the perturbation rather than what the codec
 does to any image. survival = (gain after - 1) / (gain before - 1): 1 when the
 pipeline leaves the effect whole, 0 when it removes it. For modes whose effect
-is a moved latent rather than a raised loss (SDS-, encoder), survival is the
-ratio of latent shifts instead.
+is a moved latent rather than a raised loss (SDS-, encoder, mist: see
+:func:`effect_figure`), survival is the ratio of latent shifts instead.
 """
 
 from __future__ import annotations
