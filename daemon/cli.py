@@ -27,7 +27,7 @@ from fixative.daemon.inbox_filter import WatcherConfigError, ignore_reason
 from fixative.daemon.lock import EXIT_ALREADY_RUNNING, AlreadyRunning, hold
 from fixative.daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
 from fixative.daemon.status import printable
-from fixative.daemon.store import STATES, JobStore, StateDiskFull
+from fixative.daemon.store import STATES, StoreUnavailable, open_store, store_exists
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,17 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as error:
         print(f"fixative: {error}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
-    except StateDiskFull as error:  # enqueue, retry: nothing was written, so nothing is half-done
-        print(f"fixative: {error}; free some space and try again", file=sys.stderr)
+    except StoreUnavailable as error:  # enqueue, retry: nothing was written, so nothing is half-done
+        print(f"fixative: {error}; {error.remedy}", file=sys.stderr)
         return 1
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
-
-
-def _store(settings: Settings) -> JobStore:
-    return JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
 
 
 def _stop_event() -> threading.Event:
@@ -195,10 +191,10 @@ def _status(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if not settings.db_path.exists():
+    if not store_exists(settings):
         jobs = []
     else:
-        store = _store(settings)
+        store = open_store(settings)
         jobs = store.jobs(args.state, limit=args.limit)
         store.close()
     if args.json:
@@ -223,7 +219,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    store = _store(_settings(args))
+    store = open_store(_settings(args))
     count = store.retry(args.id, all_failed=args.failed)
     store.close()
     if args.id is not None and count == 0:
@@ -236,7 +232,7 @@ def _retry(args: argparse.Namespace) -> int:
 def _enqueue(args: argparse.Namespace) -> int:
     settings = _settings(args)
     inbox = settings.inbox.resolve()
-    store = _store(settings)
+    store = open_store(settings)
     refused = 0
     for name in args.files:
         path = name.absolute()

@@ -18,7 +18,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     inbox: UserPath = Path("~/ToProtect")
     export_dir: UserPath = Path("~/Protected")
     state_dir: UserPath = Field(default_factory=lambda: _xdg("XDG_STATE_HOME", "~/.local/state") / "fixative")
+    # The job table. None: the SQLite file state_dir/jobs.db, for one machine. A
+    # postgresql:// URL: a PostgreSQL database that engines on several machines share.
+    state_db: str | None = None
     # What happens to an original once its protected copy is written. "archive"
     # moves it to archive_dir, which empties the inbox as work completes.
     after: Literal["keep", "archive"] = "keep"
@@ -112,6 +115,14 @@ class Settings(BaseSettings):
     watcher: WatcherSettings = WatcherSettings()
     worker: WorkerSettings = WorkerSettings()
     engine: EngineOptions = EngineOptions()
+
+    @field_validator("state_db")
+    @classmethod
+    def _postgresql_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            # Not echoed back: it may hold a password.
+            raise ValueError("must be a postgresql:// URL (leave it out to use the SQLite file in state_dir)")
+        return url
 
     @model_validator(mode="after")
     def _folders_apart(self) -> Settings:

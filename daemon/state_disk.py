@@ -1,10 +1,13 @@
-"""Waiting out a full state disk.
+"""Waiting out a job table that cannot be written: a full state disk, a PostgreSQL server away.
 
 When the disk that holds ``state_dir`` fills up (logs, a download, another
 program), SQLite refuses every write to the job table and the store raises
 :class:`~daemon.store.StateDiskFull`. That used to crash the watcher, end
 ``fixative run`` with status 1 and kill the engine with a traceback, while
-``fixative status`` still said "up". Instead, as the README promises:
+``fixative status`` still said "up". A PostgreSQL job table that restarts, or
+that the network hides for a while, raises its parent,
+:class:`~daemon.store.StoreUnavailable`, and is waited out the same way
+(the store reconnects by itself). Instead, as the README promises:
 
 * the watcher and the engine wait and try again every :data:`RETRY_SECONDS`,
   logging one line when the wait starts and one when it ends;
@@ -21,7 +24,7 @@ import time
 import structlog
 
 from fixative.daemon.status import free_bytes
-from fixative.daemon.store import StateDiskFull
+from fixative.daemon.store import StateDiskFull, StoreUnavailable
 
 log = structlog.get_logger()
 
@@ -29,19 +32,25 @@ RETRY_SECONDS = 5.0
 
 
 class Pause:
-    """One process's wait for space: a log line when it starts and one when it ends, none in between."""
+    """One process's wait for the job table: a log line when it starts and one when it ends, none in between."""
 
     def __init__(self, process: str):
         self.process = process
         self.since: float | None = None
+        self.what = ""  # "state_disk" or "store": the log events say which wait this was
 
-    def full(self, error: StateDiskFull) -> None:
+    def full(self, error: StoreUnavailable) -> None:
         if self.since is None:
             self.since = time.monotonic()
-            log.warning(f"{self.process}.state_disk_full", error=str(error), free_bytes=free_bytes(error.folder),
-                        retry_every_seconds=RETRY_SECONDS)
+            if isinstance(error, StateDiskFull):
+                self.what = "state_disk"
+                log.warning(f"{self.process}.state_disk_full", error=str(error), free_bytes=free_bytes(error.folder),
+                            retry_every_seconds=RETRY_SECONDS)
+            else:
+                self.what = "store"
+                log.warning(f"{self.process}.store_unavailable", error=str(error), retry_every_seconds=RETRY_SECONDS)
 
     def written(self) -> None:
         if self.since is not None:
-            log.info(f"{self.process}.state_disk_resumed", waited_seconds=round(time.monotonic() - self.since))
+            log.info(f"{self.process}.{self.what}_resumed", waited_seconds=round(time.monotonic() - self.since))
             self.since = None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fixative.daemon.settings import Settings
-from fixative.daemon.store import STATES, Job, JobStore
+from fixative.daemon.store import STATES, Job, StoreUnavailable, describe_store, open_store, store_exists
 
 # Both processes beat at least every 10 s (watcher 5 s, engine worker.heartbeat_seconds),
 # so a minute of silence means the process is gone.
@@ -43,7 +43,7 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
         # Why it is not up, when that is not a dead process: the daemon waits out a full
         # state disk without a heartbeat to record it in (daemon.state_disk).
         "waiting": None,
-        "database": str(settings.db_path),
+        "database": describe_store(settings),  # a PostgreSQL URL without its password
         "processes": {name: {"alive": False, "stalled": False, "pid": None, "status": "never started",
                              "age_seconds": None, "progress_age_seconds": None}
                       for name in PROCESSES},
@@ -53,11 +53,16 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
         "latest_done": [],
         "throughput_24h": {"hours": 24, "done": 0, "failed": 0, "skipped": 0, "mean_seconds": None},
     }
-    if not settings.db_path.exists():
+    if not store_exists(settings):
         return report
-    store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
+    store = open_store(settings)
     try:
-        for name, beat in store.processes().items():
+        try:
+            beats = store.processes()
+        except StoreUnavailable as error:  # a PostgreSQL job table that is away: nothing else can be read
+            report["waiting"] = f"{error}; {error.remedy}"
+            return report
+        for name, beat in beats.items():
             report["processes"][name] = {"alive": is_alive(beat), "stalled": is_stalled(beat), **beat}
         if looks_full(settings.state_dir):
             report["waiting"] = (f"the state folder's disk is full ({settings.state_dir}: "

@@ -1,8 +1,12 @@
 """The job table: the only thing the watcher and the engine share.
 
-One SQLite file (``state_dir/jobs.db``) through sqlite-utils. The rules that keep
-it from losing or repeating work, each borrowed from a queue that got it wrong
-or right:
+One SQLite file (``state_dir/jobs.db``, ``daemon.store_sqlite``), or a
+PostgreSQL database that engines on several machines share
+(``state_db = "postgresql://..."``, ``daemon.store_postgres``). Every rule and
+every statement is here, written once for both; a backend only connects, runs
+statements, opens write transactions and migrates. The rules that keep the
+table from losing or repeating work, each borrowed from a queue that got it
+wrong or right:
 
 * A job is never deleted when it is taken. huey deletes on dequeue, so a crash
   loses the job; here a claim only sets a lease (owner + expiry). If the lease
@@ -10,9 +14,10 @@ or right:
 * ``attempts`` counts claims, not failures, and is incremented at claim time, so
   an image that kills the engine outright still ends as "failed" after
   ``max_attempts`` instead of looping (goqite's receive limit, apalis's orphans).
-* Read-then-write runs in ``BEGIN IMMEDIATE``. sqlite-utils' ``atomic()`` opens a
-  deferred BEGIN, and a deferred read that upgrades to a write in WAL mode fails
-  with SQLITE_BUSY at once, whatever the busy timeout.
+* Read-then-write runs in an exclusive write transaction (``_write(exclusive=True)``):
+  what it read cannot change before it writes. Claims do not need one: they
+  take rows with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so that claimers on
+  several machines never wait for each other nor take the same row.
 * Every update from the engine is guarded on ``owner``, so an engine that lost
   its lease cannot overwrite the job that another claim now holds.
 * One row per (content sha256, settings fingerprint): the same bytes with the
@@ -25,7 +30,13 @@ or right:
   marks its older unfinished or failed jobs "superseded". They are history,
   not failures, so ``fixative status`` and ``retry --failed`` leave them alone.
 
-Timestamps are unix seconds (floats) everywhere.
+Timestamps are unix seconds (floats) everywhere, leases included, on both
+backends: every rule reads the same. With several machines their clocks must
+agree to well within ``lease_seconds`` (NTP does; ``fixative doctor`` checks).
+
+SQL here is written for both: named parameters (``:name``), no function only
+one of them has. Where the two really differ, the backend says so
+(``skip_locked``).
 """
 
 from __future__ import annotations
@@ -33,126 +44,76 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fixative.engine.options import EngineOptions
+
+if TYPE_CHECKING:
+    from fixative.daemon.settings import Settings
 
 STATES = ("queued", "running", "done", "failed", "skipped", "superseded")
 
 
-class StateDiskFull(Exception):
-    """The job table cannot be written: the state folder's disk (or quota) is full.
+class StoreUnavailable(Exception):
+    """The job table cannot be read or written for now: not the image's fault, and not a crash.
 
-    Not the image's fault and not a crash: the watcher and the engine wait and
-    try again (``daemon.state_disk``), and nothing is lost meanwhile.
+    The watcher, the engine and ``fixative run`` wait and try again
+    (``daemon.state_disk``), saying why in the log, and nothing is lost
+    meanwhile: the table is the only record, and it was not changed.
     """
+
+    remedy = "it resumes by itself once the job database is back"
+
+
+class StateDiskFull(StoreUnavailable):
+    """The SQLite job table cannot be written: the state folder's disk (or quota) is full."""
+
+    remedy = "free some space and try again"
 
     def __init__(self, folder: Path):
         self.folder = folder
         super().__init__(f"the state folder's disk is full ({folder})")
 
-# Each entry upgrades the schema by one version; PRAGMA user_version records how
-# many have run. Append, never edit: databases in the field have run the old ones.
-MIGRATIONS = [
-    """
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY,
-        source_path TEXT NOT NULL,
-        relative_path TEXT NOT NULL,      -- where the output goes under export_dir
-        sha256 TEXT,                      -- NULL for a refused path (symlink, FIFO...)
-        fingerprint TEXT,                 -- EngineOptions.fingerprint()
-        state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'skipped')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        owner TEXT,
-        lease_expires REAL,
-        not_before REAL,                  -- retry backoff: not claimed before this time
-        progress_step INTEGER,
-        progress_total INTEGER,
-        output_path TEXT,                 -- planned while running, written once done
-        error TEXT,
-        metrics TEXT,                     -- JSON object
-        duplicate_of INTEGER REFERENCES jobs(id),
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL
-    );
-    CREATE UNIQUE INDEX jobs_one_per_content ON jobs (sha256, fingerprint)
-        WHERE duplicate_of IS NULL AND sha256 IS NOT NULL;
-    CREATE INDEX jobs_by_state ON jobs (state, id);
-    CREATE INDEX jobs_by_source ON jobs (source_path);
-    CREATE TABLE processes (
-        name TEXT PRIMARY KEY,            -- "watcher" or "engine"
-        pid INTEGER NOT NULL,
-        status TEXT NOT NULL,
-        beat_at REAL NOT NULL
-    );
-    """,
-    # A beat says the process is alive; progress_at says its loop still moves.
-    # A step hung in a GPU driver keeps the first fresh and lets the second age.
-    """
-    ALTER TABLE processes ADD COLUMN progress_at REAL;
-    """,
-    # "superseded": the path got newer content or settings before this job
-    # finished. SQLite cannot alter a CHECK constraint, so the table is rebuilt
-    # (sqlite.org/lang_altertable.html, "other kinds of table schema changes").
-    # options: the EngineOptions JSON the job was queued with (NULL on rows
-    # from before this version: those are protected with the current settings).
-    # archived_to: where `after = "archive"` moved the original, so a new file
-    # that later arrives under the same name never replaces this one's output.
-    # output_sha256: what this job wrote (recorded before writing), so a later
-    # job of the same source can tell its own earlier output from a file the
-    # artist has since edited.
-    """
-    CREATE TABLE jobs_new (
-        id INTEGER PRIMARY KEY,
-        source_path TEXT NOT NULL,
-        relative_path TEXT NOT NULL,
-        sha256 TEXT,
-        fingerprint TEXT,
-        state TEXT NOT NULL
-            CHECK (state IN ('queued', 'running', 'done', 'failed', 'skipped', 'superseded')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        owner TEXT,
-        lease_expires REAL,
-        not_before REAL,
-        progress_step INTEGER,
-        progress_total INTEGER,
-        output_path TEXT,
-        error TEXT,
-        metrics TEXT,
-        duplicate_of INTEGER REFERENCES jobs(id),
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        options TEXT,
-        archived_to TEXT,
-        output_sha256 TEXT
-    );
-    INSERT INTO jobs_new (id, source_path, relative_path, sha256, fingerprint, state, attempts, owner,
-                          lease_expires, not_before, progress_step, progress_total, output_path, error,
-                          metrics, duplicate_of, created_at, updated_at, started_at, finished_at)
-        SELECT id, source_path, relative_path, sha256, fingerprint, state, attempts, owner,
-               lease_expires, not_before, progress_step, progress_total, output_path, error,
-               metrics, duplicate_of, created_at, updated_at, started_at, finished_at FROM jobs;
-    DROP TABLE jobs;
-    ALTER TABLE jobs_new RENAME TO jobs;
-    CREATE UNIQUE INDEX jobs_one_per_content ON jobs (sha256, fingerprint)
-        WHERE duplicate_of IS NULL AND sha256 IS NOT NULL;
-    CREATE INDEX jobs_by_state ON jobs (state, id);
-    CREATE INDEX jobs_by_source ON jobs (source_path);
-    CREATE INDEX jobs_by_output ON jobs (output_path);
-    """,
-]
+
+class Backend(Protocol):
+    """What differs between SQLite and PostgreSQL; see ``daemon.store_sqlite`` and ``daemon.store_postgres``."""
+
+    skip_locked: str  # appended to a claim's SELECT: rows another claimer holds are passed over
+
+    def describe(self) -> str: ...  # for status and doctor: the path, or the URL without its password
+    def write(self, exclusive: bool = False) -> AbstractContextManager[None]: ...
+    def rows(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]: ...
+    def execute(self, sql: str, params: dict[str, Any]) -> int: ...
+    def schema_version(self) -> int: ...  # brought up to date when the backend first connects
+    def close(self) -> None: ...
+
+
+def is_postgresql(location: Path | str) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def open_store(settings: Settings) -> JobStore:
+    """The job table that ``settings`` name: ``state_db``, or the SQLite file in ``state_dir``."""
+    return JobStore(settings.state_db or settings.db_path, max_attempts=settings.worker.max_attempts)
+
+
+def describe_store(settings: Settings) -> str:
+    """Where the job table is, for people: the SQLite file, or the PostgreSQL URL without its password."""
+    if settings.state_db:
+        from fixative.daemon.store_postgres import redact
+
+        return redact(settings.state_db)
+    return str(settings.db_path)
+
+
+def store_exists(settings: Settings) -> bool:
+    """Whether there is a job table to read, without creating one (for status and list)."""
+    return bool(settings.state_db) or settings.db_path.exists()
 
 
 @dataclass
@@ -187,12 +148,6 @@ class Job:
                       "options": json.loads(row["options"]) if row["options"] else None})
 
 
-def _disk_full(error: BaseException) -> bool:
-    # SQLITE_FULL; sqlite_errorcode exists from Python 3.11, the message in every version.
-    return isinstance(error, sqlite3.OperationalError) and (
-        getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(error))
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -204,69 +159,56 @@ def file_sha256(path: Path) -> str:
 class JobStore:
     """The job table. Safe to share between threads; open one per process."""
 
-    def __init__(self, db_path: Path, *, max_attempts: int = 3):
-        self.path = Path(db_path)
+    def __init__(self, location: Path | str, *, max_attempts: int = 3):
+        """``location``: a SQLite file, or a ``postgresql://`` URL."""
+        self.location = location
         self.max_attempts = max_attempts
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: the sqlite3 module must not open transactions
-        # behind our back; we open BEGIN IMMEDIATE ourselves. timeout=30 is the
-        # busy timeout that lets the watcher and the engine wait for each other.
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        # Imported here, not at the top: sqlite-utils imports numpy (0.1-0.3 s), and
-        # `fixative --help`, protect and doctor need STATES but never open the table.
-        from sqlite_utils import Database
+        # Imported here: psycopg only for a PostgreSQL URL (it is an optional extra).
+        if is_postgresql(location):
+            from fixative.daemon.store_postgres import PostgreSQLBackend
 
-        self.db = Database(conn)
-        # The engine's heartbeat thread shares this connection with its main loop.
-        self._lock = threading.RLock()
-        self.db.enable_wal()  # readers (fixative status) never block the writers
-        self._migrate()
+            self.backend: Backend = PostgreSQLBackend(str(location))
+        else:
+            from fixative.daemon.store_sqlite import SQLiteBackend
+
+            self.backend = SQLiteBackend(Path(location))
+
+    def describe(self) -> str:
+        return self.backend.describe()
 
     def close(self) -> None:
-        self.db.close()
+        self.backend.close()
 
     # -- plumbing ---------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[None]:
-        """A transaction that takes the write lock up front (see the module docstring)."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                self.db.execute("COMMIT")
-            except BaseException as error:
-                # Also after a failed COMMIT: on a full disk it leaves the
-                # transaction open, holding the write lock against every other process.
-                self.db.rollback()
-                if _disk_full(error):
-                    raise StateDiskFull(self.path.parent) from error
-                raise
+    def _write(self, *, exclusive: bool = False) -> Iterator[None]:
+        """A write transaction; ``exclusive`` for read-then-write (see the module docstring)."""
+        with self.backend.write(exclusive):
+            yield
 
-    def _migrate(self) -> None:
-        with self._write():  # two processes starting together must not both migrate
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                # sqlite-utils 4.x runs a script statement by statement inside an
-                # open transaction (sqlite3's executescript would COMMIT first).
-                self.db.executescript(script)
-                self.db.execute(f"PRAGMA user_version = {number}")
+    def _rows(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return self.backend.rows(sql, params or {})
 
-    def _rows(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.db.query(sql, params))
-
-    def _job(self, sql: str, params: tuple | dict = ()) -> Job | None:
+    def _job(self, sql: str, params: dict[str, Any]) -> Job | None:
         rows = self._rows(sql, params)
         return Job.from_row(rows[0]) if rows else None
 
+    def _execute(self, sql: str, params: dict[str, Any]) -> int:
+        return self.backend.execute(sql, params)
+
     def _update(self, sql: str, params: dict[str, Any]) -> bool:
-        """Run one UPDATE; True if it changed a row (i.e. its guard held)."""
+        """Run one guarded UPDATE on its own; True if it changed a row (i.e. its guard held)."""
         with self._write():
-            return self.db.execute(sql, {"now": time.time(), **params}).rowcount > 0
+            return self._execute(sql, {"now": time.time(), **params}) > 0
+
+    def _insert_job(self, row: dict[str, Any]) -> int:
+        columns = ", ".join(row)
+        values = ", ".join(f":{name}" for name in row)
+        return self._rows(f"INSERT INTO jobs ({columns}) VALUES ({values}) RETURNING id", row)[0]["id"]
 
     def get(self, job_id: int) -> Job | None:
-        return self._job("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return self._job("SELECT * FROM jobs WHERE id = :id", {"id": job_id})
 
     # -- the watcher's side -----------------------------------------------
 
@@ -286,10 +228,11 @@ class JobStore:
             relative = path.relative_to(Path(inbox).absolute()).as_posix()
         else:
             relative = path.name
-        with self._write():
+        with self._write(exclusive=True):
             same = self._job(
-                "SELECT * FROM jobs WHERE source_path = ? AND sha256 = ? AND fingerprint = ? ORDER BY id LIMIT 1",
-                (str(path), sha256, fingerprint),
+                """SELECT * FROM jobs WHERE source_path = :path AND sha256 = :sha256 AND fingerprint = :fingerprint
+                   ORDER BY id LIMIT 1""",
+                {"path": str(path), "sha256": sha256, "fingerprint": fingerprint},
             )
             if same is not None and not self._came_back(same):
                 return same
@@ -299,8 +242,8 @@ class JobStore:
                 self._queue_again(same, now)
             else:
                 first = self._job(
-                    "SELECT * FROM jobs WHERE sha256 = ? AND fingerprint = ? AND duplicate_of IS NULL",
-                    (sha256, fingerprint),
+                    "SELECT * FROM jobs WHERE sha256 = :sha256 AND fingerprint = :fingerprint AND duplicate_of IS NULL",
+                    {"sha256": sha256, "fingerprint": fingerprint},
                 )
                 row: dict[str, Any] = {
                     "source_path": str(path),
@@ -315,11 +258,11 @@ class JobStore:
                 if first is not None:
                     row.update(state="skipped", duplicate_of=first.id, output_path=first.output_path,
                                finished_at=now)
-                job_id = self.db["jobs"].insert(row).last_pk
+                job_id = self._insert_job(row)
             for older in self._rows(
-                """SELECT id FROM jobs WHERE source_path = ? AND id != ? AND sha256 IS NOT NULL
+                """SELECT id FROM jobs WHERE source_path = :path AND id != :id AND sha256 IS NOT NULL
                    AND state IN ('queued', 'running', 'failed')""",
-                (str(path), job_id),
+                {"path": str(path), "id": job_id},
             ):
                 self._supersede(older["id"], f"superseded by #{job_id}: the file's content or the settings "
                                              f"changed before it was done", now)
@@ -335,50 +278,55 @@ class JobStore:
         if job.state == "superseded":
             return True
         return job.state == "done" and bool(self._rows(
-            "SELECT 1 FROM jobs WHERE source_path = ? AND id > ? AND state = 'done' AND duplicate_of IS NULL",
-            (job.source_path, job.id),
+            "SELECT 1 FROM jobs WHERE source_path = :path AND id > :id AND state = 'done' AND duplicate_of IS NULL",
+            {"path": job.source_path, "id": job.id},
         ))
 
     def _queue_again(self, job: Job, now: float) -> None:
         """Make ``job`` current again (see :meth:`_came_back`); its output name is chosen afresh."""
         if job.duplicate_of is not None:  # its content is another path's job now (see _supersede)
-            self.db.execute(
+            self._execute(
                 """UPDATE jobs SET state = 'skipped', error = NULL, finished_at = :now, updated_at = :now,
                           output_path = (SELECT output_path FROM jobs WHERE id = :primary)
                    WHERE id = :id""",
                 {"id": job.id, "primary": job.duplicate_of, "now": now},
             )
         else:
-            self.db.execute(
+            self._execute(
                 """UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, not_before = NULL,
                           output_path = NULL, output_sha256 = NULL, finished_at = NULL, updated_at = :now
                    WHERE id = :id""",
                 {"id": job.id, "now": now},
             )
 
-    def _supersede(self, job_id: int, reason: str, now: float) -> None:
-        """Retire a job whose path has moved on; inside a write transaction.
+    def _supersede(self, job_id: int, reason: str, now: float) -> bool:
+        """Retire a job whose path has moved on, unless it ended meanwhile; inside an exclusive write transaction.
 
         Copies of its content under other names were skipped as duplicates of
         it. They still need protecting, so the first of them takes the job over.
         """
-        self.db.execute(
+        # The state guard: on PostgreSQL an engine's finish() may commit between
+        # our read of this row and this write (claims and finishes do not wait for
+        # the exclusive lock), and a done job must stay done.
+        if not self._execute(
             """UPDATE jobs SET state = 'superseded', error = :reason, owner = NULL, lease_expires = NULL,
                       progress_step = NULL, progress_total = NULL, finished_at = :now, updated_at = :now
-               WHERE id = :id""",
+               WHERE id = :id AND state IN ('queued', 'running', 'failed')""",
             {"id": job_id, "reason": reason, "now": now},
-        )
-        heir = self._rows("SELECT id FROM jobs WHERE duplicate_of = ? ORDER BY id LIMIT 1", (job_id,))
+        ):
+            return False
+        heir = self._rows("SELECT id FROM jobs WHERE duplicate_of = :id ORDER BY id LIMIT 1", {"id": job_id})
         if heir:
             params = {"id": job_id, "heir": heir[0]["id"], "now": now}
             # In this order: the retired job leaves the one-per-content index before the heir joins it.
-            self.db.execute("UPDATE jobs SET duplicate_of = :heir WHERE duplicate_of = :id OR id = :id", params)
-            self.db.execute(
+            self._execute("UPDATE jobs SET duplicate_of = :heir WHERE duplicate_of = :id OR id = :id", params)
+            self._execute(
                 """UPDATE jobs SET state = 'queued', duplicate_of = NULL, output_path = NULL,
                           finished_at = NULL, updated_at = :now
                    WHERE id = :heir""",
                 params,
             )
+        return True
 
     def record_refusal(self, path: Path, reason: str) -> Job:
         """Record a path the watcher will not touch (symlink, FIFO, outside the inbox).
@@ -387,9 +335,10 @@ class JobStore:
         status``. Repeated rescans find the same refusal instead of adding rows.
         """
         path = Path(path).absolute()
-        with self._write():
+        with self._write(exclusive=True):
             known = self._job(
-                "SELECT * FROM jobs WHERE source_path = ? AND sha256 IS NULL AND error = ?", (str(path), reason)
+                "SELECT * FROM jobs WHERE source_path = :path AND sha256 IS NULL AND error = :reason",
+                {"path": str(path), "reason": reason},
             )
             if known is not None:
                 return known
@@ -403,7 +352,7 @@ class JobStore:
                 "updated_at": now,
                 "finished_at": now,
             }
-            return self.get(self.db["jobs"].insert(row).last_pk)
+            return self.get(self._insert_job(row))
 
     # -- the engine's side ------------------------------------------------
 
@@ -411,33 +360,37 @@ class JobStore:
         """Take the oldest queued job for ``owner`` for ``lease_seconds``, or return None."""
         now = time.time()
         params = {"now": now, "owner": owner, "expires": now + lease_seconds, "max": self.max_attempts}
+        # Each statement takes its rows with `skip_locked` (FOR UPDATE SKIP LOCKED on
+        # PostgreSQL): a row that another claimer is sweeping or claiming right now
+        # is theirs, so claimers on several machines never wait for one another,
+        # never deadlock, and never take the same job. SQLite's BEGIN IMMEDIATE
+        # lets one claimer in at a time instead.
+        skip_locked = self.backend.skip_locked
         with self._write():
             # The engine that held these stopped heartbeating: it was killed or
             # the machine went down. Its attempt was counted when it claimed.
-            self.db.execute(
-                """UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, updated_at = :now,
-                          error = 'lease expired: the engine stopped while working on it'
-                   WHERE state = 'running' AND lease_expires < :now""",
+            self._execute(
+                f"""UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, updated_at = :now,
+                           error = 'lease expired: the engine stopped while working on it'
+                    WHERE id IN (SELECT id FROM jobs WHERE state = 'running' AND lease_expires < :now{skip_locked})""",
                 params,
             )
             # Out of attempts: fail with the last reason rather than try forever.
-            self.db.execute(
-                """UPDATE jobs SET state = 'failed', finished_at = :now, updated_at = :now,
-                          error = 'gave up after ' || attempts || ' attempts: ' || COALESCE(error, 'no reason recorded')
-                   WHERE state = 'queued' AND attempts >= :max""",
+            self._execute(
+                f"""UPDATE jobs SET state = 'failed', finished_at = :now, updated_at = :now,
+                           error = 'gave up after ' || attempts || ' attempts: ' || COALESCE(error, 'no reason recorded')
+                    WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND attempts >= :max{skip_locked})""",
                 params,
             )
-            rows = list(
-                self.db.query(
-                    """UPDATE jobs SET state = 'running', owner = :owner, lease_expires = :expires,
-                              attempts = attempts + 1, started_at = :now, updated_at = :now,
-                              progress_step = NULL, progress_total = NULL
-                       WHERE id = (SELECT id FROM jobs
-                                   WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now)
-                                   ORDER BY id LIMIT 1)
-                       RETURNING *""",
-                    params,
-                )
+            rows = self._rows(
+                f"""UPDATE jobs SET state = 'running', owner = :owner, lease_expires = :expires,
+                           attempts = attempts + 1, started_at = :now, updated_at = :now,
+                           progress_step = NULL, progress_total = NULL
+                    WHERE id = (SELECT id FROM jobs
+                                WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now)
+                                ORDER BY id LIMIT 1{skip_locked})
+                    RETURNING *""",
+                params,
             )
         return Job.from_row(rows[0]) if rows else None
 
@@ -454,16 +407,20 @@ class JobStore:
 
     def finish(self, job_id: int, owner: str, output_path: Path | str, metrics: dict[str, Any]) -> bool:
         """Mark the job done. False if another claim took it meanwhile (then it is theirs)."""
-        with self._write():
-            done = self.db.execute(
+        # Exclusive, though guarded: it updates the job and then its copies, and
+        # enqueue() may be updating the same rows the other way round (on
+        # PostgreSQL, two such transactions could otherwise deadlock).
+        with self._write(exclusive=True):
+            done = self._execute(
                 """UPDATE jobs SET state = 'done', output_path = :output, metrics = :metrics, error = NULL,
                           owner = NULL, lease_expires = NULL, finished_at = :now, updated_at = :now
                    WHERE id = :id AND owner = :owner AND state = 'running'""",
                 {"id": job_id, "owner": owner, "output": str(output_path), "metrics": json.dumps(metrics),
                  "now": time.time()},
-            ).rowcount
+            )
             if done:  # copies skipped as duplicates while this ran now point at the output too
-                self.db.execute("UPDATE jobs SET output_path = ? WHERE duplicate_of = ?", (str(output_path), job_id))
+                self._execute("UPDATE jobs SET output_path = :output WHERE duplicate_of = :id",
+                              {"output": str(output_path), "id": job_id})
         return bool(done)
 
     def fail(
@@ -504,11 +461,11 @@ class JobStore:
 
         The watcher queues the new content once it settles, and that job is the current one.
         """
-        with self._write():
-            if not self._rows("SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND state = 'running'", (job_id, owner)):
+        with self._write(exclusive=True):
+            if not self._rows("SELECT 1 FROM jobs WHERE id = :id AND owner = :owner AND state = 'running'",
+                              {"id": job_id, "owner": owner}):
                 return False
-            self._supersede(job_id, reason, time.time())
-            return True
+            return self._supersede(job_id, reason, time.time())
 
     def release_owner(self, owner: str, reason: str) -> bool:
         """Queue again the job ``owner`` held, now that its process is known to be dead; True if it held one.
@@ -546,9 +503,9 @@ class JobStore:
         must not replace it.
         """
         rows = self._rows(
-            """SELECT * FROM jobs AS j WHERE output_path = ? AND id != ?
+            """SELECT * FROM jobs AS j WHERE output_path = :output AND id != :id
                AND (duplicate_of IS NULL OR id = (SELECT MAX(id) FROM jobs WHERE source_path = j.source_path))""",
-            (str(output_path), job_id),
+            {"output": str(output_path), "id": job_id},
         )
         return [Job.from_row(r) for r in rows]
 
@@ -569,12 +526,12 @@ class JobStore:
             raise ValueError("give either a job id or all_failed=True")
         where = "state = 'failed' AND sha256 IS NOT NULL" + ("" if all_failed else " AND id = :id")
         with self._write():
-            return self.db.execute(
+            return self._execute(
                 f"""UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, not_before = NULL,
                            finished_at = NULL, updated_at = :now
                     WHERE {where}""",
                 {"id": job_id, "now": time.time()},
-            ).rowcount
+            )
 
     def beat(self, process: str, status: str = "", *, progress_at: float | None = None) -> None:
         """Record that ``process`` ("watcher" or "engine") is alive; ``fixative status`` reads it.
@@ -584,10 +541,13 @@ class JobStore:
         """
         now = time.time()
         with self._write():
-            self.db["processes"].upsert(
-                {"name": process, "pid": os.getpid(), "status": status, "beat_at": now,
+            self._execute(
+                """INSERT INTO processes (name, pid, status, beat_at, progress_at)
+                   VALUES (:name, :pid, :status, :now, :progress_at)
+                   ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, status = excluded.status,
+                          beat_at = excluded.beat_at, progress_at = excluded.progress_at""",
+                {"name": process, "pid": os.getpid(), "status": status, "now": now,
                  "progress_at": now if progress_at is None else progress_at},
-                pk="name",
             )
 
     def processes(self) -> dict[str, dict[str, Any]]:
@@ -610,14 +570,14 @@ class JobStore:
 
     def running(self) -> Job | None:
         """The job being protected now (the latest claimed, should an expired lease linger)."""
-        return self._job("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at DESC LIMIT 1")
+        return self._job("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at DESC LIMIT 1", {})
 
     def failures(self, limit: int = 10) -> list[Job]:
         """The latest failures: failed jobs, and queued ones whose last attempt failed and that will be retried."""
         rows = self._rows(
             """SELECT * FROM jobs WHERE state = 'failed' OR (state = 'queued' AND error IS NOT NULL)
-               ORDER BY updated_at DESC, id DESC LIMIT ?""",
-            (limit,),
+               ORDER BY updated_at DESC, id DESC LIMIT :limit""",
+            {"limit": limit},
         )
         return [Job.from_row(r) for r in rows]
 
@@ -625,25 +585,25 @@ class JobStore:
         """The newest jobs first, optionally only those in ``state``."""
         if state is not None and state not in STATES:
             raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
-        rows = self._rows(
-            "SELECT * FROM jobs WHERE (:state IS NULL OR state = :state) ORDER BY id DESC LIMIT :limit",
-            {"state": state, "limit": limit},
-        )
+        # Not `:state IS NULL OR state = :state`: PostgreSQL cannot tell the type of a NULL parameter there.
+        where = "" if state is None else "WHERE state = :state"
+        rows = self._rows(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT :limit", {"state": state, "limit": limit})
         return [Job.from_row(r) for r in rows]
 
     def throughput(self, hours: float = 24) -> dict[str, Any]:
         """What finished in the last ``hours``: counts per final state and mean seconds per done image."""
         since = time.time() - hours * 3600
         row = self._rows(
-            """SELECT SUM(state = 'done') AS done, SUM(state = 'failed') AS failed, SUM(state = 'skipped') AS skipped,
+            """SELECT COUNT(*) FILTER (WHERE state = 'done') AS done, COUNT(*) FILTER (WHERE state = 'failed') AS failed,
+                      COUNT(*) FILTER (WHERE state = 'skipped') AS skipped,
                       AVG(CASE WHEN state = 'done' THEN finished_at - started_at END) AS mean_seconds
-               FROM jobs WHERE finished_at >= ?""",
-            (since,),
+               FROM jobs WHERE finished_at >= :since""",
+            {"since": since},
         )[0]
         return {
             "hours": hours,
-            "done": row["done"] or 0,
-            "failed": row["failed"] or 0,
-            "skipped": row["skipped"] or 0,
+            "done": row["done"],
+            "failed": row["failed"],
+            "skipped": row["skipped"],
             "mean_seconds": row["mean_seconds"],
         }

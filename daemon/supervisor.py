@@ -32,7 +32,7 @@ from fixative.daemon.inbox_filter import WatcherConfigError
 from fixative.daemon.notify import notify, watchdog_interval
 from fixative.daemon.settings import EX_CONFIG, Settings
 from fixative.daemon.status import is_alive, is_healthy, looks_full
-from fixative.daemon.store import JobStore, StateDiskFull
+from fixative.daemon.store import JobStore, StoreUnavailable, open_store
 from fixative.daemon.worker import LOADING_STATUS, new_owner
 
 log = structlog.get_logger()
@@ -89,7 +89,7 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
 
     ``pass_fds``: descriptors the engine child inherits (the state folder's lock).
     """
-    store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
+    store = open_store(settings)
     watcher = _WatcherThread(settings)
     watcher.start()
     engine = _Engine(engine_command, store, pass_fds)
@@ -106,17 +106,22 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
             code = engine.poll_and_restart(stop)
             if code == EX_CONFIG:
                 return EX_CONFIG  # the engine logged why (model missing...); restarting cannot help
-            beats = store.processes()
+            try:
+                beats, waiting = store.processes(), None
+            except StoreUnavailable as error:  # the PostgreSQL job table is away; the store reconnects
+                beats, waiting = {}, f"waiting: {error}; {error.remedy}"
             engine_beat = beats.get("engine")
             engine_fresh = is_alive(engine_beat) and engine_beat["pid"] == engine.pid
-            # A full state disk stops every heartbeat while both loops wait for space
-            # (daemon.state_disk): say so, and keep systemd's watchdog from restarting
-            # a daemon that is waiting, not hung.
-            disk_full = code is None and looks_full(settings.state_dir)
-            if disk_full and last_status != STATE_DISK_FULL_STATUS:
-                last_status = STATE_DISK_FULL_STATUS
+            # A full state disk, or a job database that is away, stops every heartbeat
+            # while both loops wait (daemon.state_disk): say so, and keep systemd's
+            # watchdog from restarting a daemon that is waiting, not hung.
+            if waiting is None and looks_full(settings.state_dir):
+                waiting = STATE_DISK_FULL_STATUS
+            paused = code is None and waiting is not None
+            if paused and last_status != waiting:
+                last_status = waiting
                 notify(f"STATUS={last_status}")
-            elif engine_fresh and not disk_full:
+            elif engine_fresh and not paused:
                 if not ready and not engine_beat["status"].startswith(LOADING_STATUS):
                     notify("READY=1")
                     ready = True
@@ -128,7 +133,7 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
             # limit *plus* WatchdogSec (25 minutes with 900 s and 600 s).
             moved = (engine_fresh and engine_beat["progress_at"] > pinged_progress
                      and is_healthy(beats.get("watcher")))
-            if ping_every and (moved or disk_full and time.monotonic() >= next_ping):
+            if ping_every and (moved or paused and time.monotonic() >= next_ping):
                 notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every
                 if moved:
@@ -211,5 +216,5 @@ class _Engine:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         try:
             return self.store.release_owner(self.owner, f"the engine died while working on it ({how})")
-        except StateDiskFull:
+        except StoreUnavailable:
             return False  # then its lease expires, and the next claim queues it again

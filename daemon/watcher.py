@@ -39,7 +39,7 @@ from fixative.daemon.inbox_filter import WatcherConfigError, check_folders, igno
 from fixative.daemon.settings import Settings
 from fixative.daemon.stability import Settled, StabilityTracker
 from fixative.daemon.state_disk import RETRY_SECONDS, Pause
-from fixative.daemon.store import JobStore, StateDiskFull
+from fixative.daemon.store import JobStore, StoreUnavailable, open_store
 
 __all__ = ["EXIT_OBSERVER_DIED", "WatcherConfigError", "run_watcher"]
 
@@ -128,7 +128,7 @@ class _Watcher:
                 if now >= next_beat or status != last_status:
                     self.store.beat("watcher", status)
                     next_beat, last_status = now + HEARTBEAT_SECONDS, status
-            except StateDiskFull as error:
+            except StoreUnavailable as error:
                 self.disk.full(error)
                 # Files that settled meanwhile were not queued (nor marked handled):
                 # rescan once writes work again rather than wait for the next rescan.
@@ -203,8 +203,8 @@ class _Watcher:
             self.recorded += 1
         except FileNotFoundError:
             return  # removed or renamed between settling and now; its new name has its own event
-        except StateDiskFull:
-            raise  # not this file's fault: the main loop waits for space, then rescans
+        except StoreUnavailable:
+            raise  # not this file's fault: the main loop waits for the job table, then rescans
         except Exception as error:
             # Not marked handled, so the next rescan tries again (a locked
             # database, a file we may not read yet).
@@ -283,7 +283,7 @@ def run_watcher(settings: Settings, stop: threading.Event) -> int:
     with (the CLI exits 78 on it).
     """
     inbox = _prepare_inbox(settings)
-    with closing(JobStore(settings.db_path)) as store:
+    with closing(open_store(settings)) as store:
         watcher = _Watcher(settings, store, inbox)
         observer = _start_observer(settings, inbox, _EventRecorder(watcher.events), polling=settings.watcher.polling)
         log.info("watcher.started", inbox=str(inbox), observer=type(observer).__name__)

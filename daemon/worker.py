@@ -57,7 +57,7 @@ from fixative.daemon.notify import notify, watchdog_interval
 from fixative.daemon.settings import EX_CONFIG, Settings
 from fixative.daemon.state_disk import RETRY_SECONDS, Pause
 from fixative.daemon.status import STALLED_AFTER_SECONDS
-from fixative.daemon.store import Job, JobStore, StateDiskFull, file_sha256
+from fixative.daemon.store import Job, JobStore, StoreUnavailable, file_sha256, open_store
 from fixative.engine.errors import BadImage, EngineError, OutOfMemory  # plain exceptions: no torch
 from fixative.engine.options import EngineOptions
 
@@ -134,7 +134,7 @@ class _Pulse(threading.Thread):
             try:
                 self.pulse()
                 self.disk.written()
-            except StateDiskFull as error:  # the lease cannot be renewed, but only this engine claims
+            except StoreUnavailable as error:  # the lease cannot be renewed, but nobody can claim meanwhile either
                 self.disk.full(error)
             except Exception:  # a locked database must not silently end the heartbeats
                 log.exception("engine.pulse_failed")
@@ -189,15 +189,15 @@ class Engine:
             while not self.stop.is_set():
                 try:
                     self.claim_and_handle()
-                except StateDiskFull as error:
+                except StoreUnavailable as error:
                     # A job caught mid-way stays ours until its lease expires, then is queued again.
-                    self.wait_for_space(error)
+                    self.wait_for_store(error)
             return 0
         finally:
             self.pulse.quit.set()
             self.pulse.wake.set()
             self.pulse.join()
-            with contextlib.suppress(StateDiskFull):  # status then says "dead" a minute later instead
+            with contextlib.suppress(StoreUnavailable):  # status then says "dead" a minute later instead
                 self.store.beat("engine", "stopped")
             notify("STOPPING=1")
 
@@ -249,8 +249,8 @@ class Engine:
                 self.store.release(job.id, self.owner)
                 log.info("engine.job_released", reason="stopping")
             return
-        except StateDiskFull:
-            raise  # not the image's fault: run() waits for space
+        except StoreUnavailable:
+            raise  # not the image's fault: run() waits for the job table
         except OutOfMemory as error:
             # Issue 9: a 100-megapixel image that ran out of memory was retried, and blocked the queue, max_attempts times.
             self.failed(job, str(error), permanent=job.attempts > 1)
@@ -283,12 +283,12 @@ class Engine:
         if self.settings.after == "archive":
             self.archive(job)
 
-    def wait_for_space(self, error: StateDiskFull) -> None:
+    def wait_for_store(self, error: StoreUnavailable) -> None:
         self.pulse.disk.full(error)
         self.rest(RETRY_SECONDS, f"waiting: {error}")
 
     def until_written(self, write: Callable[[], bool]) -> bool:
-        """Record a protected image's output, waiting out a full state disk: minutes of work must not be lost.
+        """Record a protected image's output, waiting out a job table that is unavailable: minutes of work must not be lost.
 
         False if the job is no longer ours, or if we are asked to stop first
         (then the lease expires and the job is protected again).
@@ -296,10 +296,10 @@ class Engine:
         while True:
             try:
                 return write()
-            except StateDiskFull as error:
+            except StoreUnavailable as error:
                 if self.stop.is_set():
                     return False
-                self.wait_for_space(error)
+                self.wait_for_store(error)
 
     def rest(self, seconds: float, status: str) -> None:
         """Wait until ``stop``, telling the pulse that waiting is not being stuck."""
@@ -500,7 +500,7 @@ def new_owner() -> str:
 
 def run_engine(settings: Settings, stop: threading.Event, owner: str | None = None) -> int:
     """Run until ``stop`` is set; returns the exit status (0, or EX_CONFIG if the model cannot load)."""
-    store = JobStore(settings.db_path, max_attempts=settings.worker.max_attempts)
+    store = open_store(settings)
     try:
         return Engine(settings, store, stop, owner).run()
     finally:

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from postgres import Cluster, server_binaries
+
 TRAINING_STEPS = 600
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +52,26 @@ def tiny_model(request: pytest.FixtureRequest) -> Path:
             train_tiny_model(building, steps=TRAINING_STEPS)
             building.rename(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Cluster:
+    """A real PostgreSQL server for this test session (see tests/postgres.py)."""
+    binaries = server_binaries()
+    if binaries is None:
+        reason = "no PostgreSQL server binaries (initdb, pg_ctl); install Debian's postgresql package"
+        if os.environ.get("FIXATIVE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"FIXATIVE_REQUIRE_POSTGRES=1, but {reason}")
+        pytest.skip(reason)
+    cluster = Cluster(binaries)
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: Cluster) -> str:
+    """The URL of a new, empty PostgreSQL database of its own for one test."""
+    return postgres_cluster.database()
 
 
 def painting(height: int = 300, width: int = 400, seed: int = 5) -> np.ndarray:

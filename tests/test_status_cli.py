@@ -49,7 +49,7 @@ def test_status_reports_progress_failures_and_liveness(env: dict[str, str], tmp_
     bad = store.claim("engine", 60)
     store.fail(bad.id, "engine", "not an image: cannot identify image file", permanent=True)
     job = store.claim("engine", 60)
-    store.db.execute("UPDATE jobs SET started_at = started_at - 40 WHERE id = ?", (job.id,))
+    store.backend.execute("UPDATE jobs SET started_at = started_at - 40 WHERE id = :id", {"id": job.id})
     store.heartbeat(job.id, "engine", 60, step=20, total=100)
     store.beat("watcher", "watching")
     store.beat("engine", "protecting b.png")
@@ -71,7 +71,7 @@ def test_status_reports_progress_failures_and_liveness(env: dict[str, str], tmp_
     assert "b.png 20/100 (20.0%)" in fixative(env, "status").stdout
 
     # The engine stopped heartbeating two minutes ago: the daemon is down.
-    store.db.execute("UPDATE processes SET beat_at = beat_at - 120 WHERE name = 'engine'")
+    store.backend.execute("UPDATE processes SET beat_at = beat_at - 120 WHERE name = 'engine'", {})
     done = fixative(env, "status", "--json")
     assert done.returncode == EXIT_DAEMON_DOWN
     assert json.loads(done.stdout)["processes"]["engine"]["alive"] is False

@@ -1,8 +1,14 @@
-"""The job table, on real SQLite files: dedupe, leases, attempts, owner guards."""
+"""The job table: dedupe, leases, attempts, owner guards.
+
+Every test that takes the ``store`` fixture runs twice: on a real SQLite file
+and on a real PostgreSQL database (tests/postgres.py). The few that are about
+SQLite itself (WAL, its migrations) say so in their name.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
+from importlib import import_module
 import re
 import time
 import tomllib
@@ -10,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fixative.daemon.store import MIGRATIONS, STATES, JobStore
+from fixative.daemon.store import STATES, JobStore
+from fixative.daemon.store_sqlite import MIGRATIONS
 from fixative.engine.options import EngineOptions
 
 OPTIONS = EngineOptions()
@@ -23,9 +30,15 @@ def inbox(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    return JobStore(tmp_path / "state" / "jobs.db", max_attempts=3)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
+    if request.param == "sqlite":
+        location = tmp_path / "state" / "jobs.db"
+    else:
+        location = request.getfixturevalue("postgres_url")
+    store = JobStore(location, max_attempts=3)
+    yield store
+    store.close()
 
 
 def drop(inbox: Path, name: str, content: bytes = b"pixels") -> Path:
@@ -34,10 +47,14 @@ def drop(inbox: Path, name: str, content: bytes = b"pixels") -> Path:
     return path
 
 
-def test_schema_is_versioned_and_wal(store: JobStore, tmp_path: Path) -> None:
-    again = JobStore(store.path)  # a second process opening the same file
-    assert again.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+def test_schema_is_versioned(store: JobStore) -> None:
+    again = JobStore(store.location)  # a second process opening the same table
+    assert again.backend.schema_version() == len(import_module(type(store.backend).__module__).MIGRATIONS)
+
+
+def test_sqlite_is_in_wal_mode(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    assert store.backend.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_enqueue_is_idempotent_per_path(store: JobStore, inbox: Path) -> None:
@@ -107,7 +124,7 @@ def test_content_that_comes_back_is_queued_again(store: JobStore, inbox: Path) -
     assert store.get(v2.id).state == "done"  # its history stays
 
 
-def test_an_old_database_is_migrated_with_its_jobs(tmp_path: Path, inbox: Path) -> None:
+def test_an_old_sqlite_database_is_migrated_with_its_jobs(tmp_path: Path, inbox: Path) -> None:
     import sqlite3
 
     old = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
@@ -247,8 +264,8 @@ def test_process_heartbeats(store: JobStore) -> None:
     assert processes["watcher"]["status"] == "scanning" and processes["watcher"]["age_seconds"] < 5
 
 
-def _claim_all(db_path: str, owner: str, start, out) -> None:
-    store = JobStore(Path(db_path))
+def _claim_all(location: str, owner: str, start, out) -> None:
+    store = JobStore(location)
     start.wait()  # both processes have opened the database: now race
     claimed = []
     while (job := store.claim(owner, 60)) is not None:
@@ -262,7 +279,7 @@ def test_two_processes_never_claim_the_same_job(store: JobStore, inbox: Path) ->
     ids = {store.enqueue(drop(inbox, f"{i}.png", str(i).encode()), OPTIONS).id for i in range(60)}
     context = multiprocessing.get_context("spawn")  # nothing shared but the file
     start, out = context.Barrier(2), context.Queue()
-    workers = [context.Process(target=_claim_all, args=(str(store.path), f"engine-{n}", start, out)) for n in range(2)]
+    workers = [context.Process(target=_claim_all, args=(str(store.location), f"engine-{n}", start, out)) for n in range(2)]
     for worker in workers:
         worker.start()
     claimed = [out.get(timeout=60) for _ in workers]

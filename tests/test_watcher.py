@@ -113,7 +113,7 @@ def test_a_rename_into_place_is_an_arrival_and_stray_events_are_ignored(settings
             enqueued.append(Path(path))
             return super().enqueue(path, *args, **kwargs)
 
-    monkeypatch.setattr(watcher, "JobStore", CountingStore)
+    monkeypatch.setattr(watcher, "open_store", lambda settings: CountingStore(settings.db_path))
     with running(settings):
         (inbox / "x.part").write_bytes(png(2))
         time.sleep(3 * STABILITY)

@@ -157,7 +157,7 @@ def test_out_of_memory_again_fails_for_good(worker, store, settings, protect) ->
     store.enqueue(drop(settings, "huge.png", b"huge"), settings.engine, inbox=settings.inbox)
     protect += [OutOfMemory("out of memory: once"), OutOfMemory("out of memory: again")]
     assert run_one(worker, store).state == "queued"  # the memory may have been another program's
-    store.db.execute("UPDATE jobs SET not_before = NULL")  # skip the backoff
+    store.backend.execute("UPDATE jobs SET not_before = NULL", {})  # skip the backoff
     job = run_one(worker, store)
     assert (job.state, job.attempts, job.error) == ("failed", 2, "out of memory: again")
 
