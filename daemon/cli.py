@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.set_defaults(run=_enqueue)
 
-    p = commands.add_parser("doctor", help="check torch, the device, the model, folders and inotify limits")
+    p = commands.add_parser("doctor", help="check torch, the device, the model, folders, the job table and inotify limits")
     p.set_defaults(run=_doctor)
 
     p = commands.add_parser("demo", help="see the whole flow on a tiny RANDOM model (a pipeline demo: protects nothing)",

@@ -31,6 +31,9 @@ def run_checks(settings: Settings) -> list[tuple[str, str]]:
     results = [(OK, f"python {sys.version.split()[0]} ({sys.executable})")]
     results += _engine_checks(settings)
     results += _folder_checks(settings)
+    from fixative.daemon.shared_storage import store_checks  # it uses this module's levels
+
+    results += store_checks(settings)
     results += _inotify_checks(settings)
     return results
 

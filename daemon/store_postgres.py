@@ -106,6 +106,18 @@ MIGRATIONS = [
         progress_at DOUBLE PRECISION
     );
     """,
+    # `fixative doctor`'s markers: each machine's proof that it shares a folder
+    # with the others (daemon.shared_storage).
+    """
+    CREATE TABLE folder_markers (
+        machine TEXT NOT NULL,
+        folder TEXT NOT NULL,             -- the setting: export_dir or archive_dir
+        path TEXT NOT NULL,               -- the marker file that machine wrote there
+        token TEXT NOT NULL,              -- what the file holds
+        written_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (machine, folder)
+    );
+    """,
 ]
 
 

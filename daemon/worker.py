@@ -274,7 +274,8 @@ class Engine:
             self.failed(job, f"{type(error).__name__}: {error}", permanent=False)
             return
         self.pause_seconds = self.settings.worker.retry_backoff_seconds
-        if not self.until_written(lambda: self.store.finish(job.id, self.owner, output, metrics)):
+        if not self.until_written(lambda: self.store.finish(job.id, self.owner, output, metrics),
+                                  landed=lambda: self.finished_as(job, output)):
             log.warning("engine.job_taken_over", output=str(output))
             return
         # The one summary line per job: the engine's scalar figures (PSNR, gain...) plus where it went.
@@ -287,19 +288,28 @@ class Engine:
         self.pulse.disk.full(error)
         self.rest(RETRY_SECONDS, f"waiting: {error}")
 
-    def until_written(self, write: Callable[[], bool]) -> bool:
+    def until_written(self, write: Callable[[], bool], landed: Callable[[], bool] | None = None) -> bool:
         """Record a protected image's output, waiting out a job table that is unavailable: minutes of work must not be lost.
 
         False if the job is no longer ours, or if we are asked to stop first
-        (then the lease expires and the job is protected again).
+        (then the lease expires and the job is protected again). ``landed``:
+        after a try that failed, whether it was written after all. A PostgreSQL
+        COMMIT whose answer was lost with the connection may have landed, and
+        then the retry's owner guard no longer matches.
         """
+        interrupted = False
         while True:
             try:
-                return write()
+                return write() or (interrupted and landed is not None and landed())
             except StoreUnavailable as error:
                 if self.stop.is_set():
                     return False
+                interrupted = True
                 self.wait_for_store(error)
+
+    def finished_as(self, job: Job, output: Path) -> bool:
+        now = self.store.get(job.id)
+        return now is not None and now.state == "done" and now.output_path == str(output)
 
     def rest(self, seconds: float, status: str) -> None:
         """Wait until ``stop``, telling the pulse that waiting is not being stuck."""

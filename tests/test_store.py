@@ -8,6 +8,7 @@ SQLite itself (WAL, its migrations) say so in their name.
 from __future__ import annotations
 
 import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
 from importlib import import_module
 import re
 import time
@@ -55,6 +56,17 @@ def test_schema_is_versioned(store: JobStore) -> None:
 def test_sqlite_is_in_wal_mode(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.db")
     assert store.backend.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_postgresql_machines_starting_together_migrate_once(postgres_url: str) -> None:
+    from fixative.daemon.store_postgres import MIGRATIONS as POSTGRESQL_MIGRATIONS
+
+    with ThreadPoolExecutor(4) as pool:  # four machines' first claim, at once, on an empty database
+        stores = list(pool.map(lambda _: JobStore(postgres_url), range(4)))
+        assert list(pool.map(lambda store: store.claim("engine", 60), stores)) == [None] * 4
+    recorded = stores[0].backend.rows("SELECT version, applied_at FROM fixative_schema ORDER BY version", {})
+    assert [row["version"] for row in recorded] == list(range(1, len(POSTGRESQL_MIGRATIONS) + 1))
+    assert all(abs(row["applied_at"] - time.time()) < 60 for row in recorded)
 
 
 def test_enqueue_is_idempotent_per_path(store: JobStore, inbox: Path) -> None:

@@ -24,10 +24,10 @@ from test_daemon_end_to_end import Daemon
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "fixative.service"
 
 
-def unit_service() -> configparser.SectionProxy:
+def unit_service(path: Path = UNIT) -> configparser.SectionProxy:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # systemd keys are case-sensitive
-    unit.read(UNIT)
+    unit.read(path)
     return unit["Service"]
 
 
@@ -43,15 +43,31 @@ def test_unit_agrees_with_the_code() -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
+    verify(UNIT, tmp_path)
+
+
+def verify(unit: Path, tmp_path: Path) -> None:
+    """``systemd-analyze --user verify`` must accept ``unit`` without a word."""
     # verify insists that ExecStart exists; ~/.local/bin/fixative is not installed in a test run.
-    unit = tmp_path / "fixative.service"
-    unit.write_text(UNIT.read_text().replace("%h/.local/bin/fixative", sys.executable))
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace("%h/.local/bin/fixative", sys.executable))
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)  # --user needs a runtime folder, which CI containers lack
-    done = subprocess.run(["systemd-analyze", "--user", "verify", str(unit)], capture_output=True, text=True,
+    done = subprocess.run(["systemd-analyze", "--user", "verify", str(copy)], capture_output=True, text=True,
                           env={"XDG_RUNTIME_DIR": str(runtime), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     # It exits 0 on many mistakes (an unknown key, a bad value) and only warns on stderr.
     assert (done.returncode, done.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("name, command, kind", [("fixative-engine", "engine", "notify"), ("fixative-watch", "watch", "exec")])
+def test_the_units_for_several_machines_agree_with_the_code(tmp_path: Path, name: str, command: str, kind: str) -> None:
+    service = unit_service(UNIT.with_name(f"{name}.service"))
+    assert (service["ExecStart"], service["Type"]) == (f"%h/.local/bin/fixative {command}", kind)
+    assert set(service["RestartPreventExitStatus"].split()) == {str(EX_CONFIG), str(EXIT_ALREADY_RUNNING)}
+    if kind == "notify":  # `fixative engine` pings only while its loop moves, as `run` does
+        assert float(service["WatchdogSec"]) == STALLED_AFTER_SECONDS
+    if shutil.which("systemd-analyze"):
+        verify(UNIT.with_name(f"{name}.service"), tmp_path)
 
 
 def test_the_watchdog_is_the_stall_limit() -> None:

@@ -1,0 +1,137 @@
+"""Engines on "several machines" sharing one PostgreSQL job table: real ``fixative engine`` processes.
+
+Each engine gets its own state folder, as a machine of its own would, and the
+same ``state_db``, inbox and export folder (the shared storage). A real server
+from tests/postgres.py, really killed engines (SIGKILL) and a really restarted
+database. The smallest images and two PGD steps on the tiny model keep each test to
+seconds of work beyond the engines' start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import painting
+from fixative.daemon.settings import load_settings
+from fixative.daemon.store import JobStore, StoreUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = 6
+
+
+@pytest.fixture
+def shared(tmp_path: Path, tiny_model: Path, postgres_url: str) -> tuple[Path, JobStore]:
+    """A config file for every machine, with IMAGES paintings queued in the shared inbox."""
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "config.toml").write_text(f"""
+inbox = "{tmp_path / 'inbox'}"
+export_dir = "{tmp_path / 'export'}"
+state_db = "{postgres_url}"
+[worker]
+lease_seconds = 6
+heartbeat_seconds = 1
+[engine]
+model = "{tiny_model}"
+steps = 2
+robust = false
+""")
+    options = load_settings(tmp_path / "config.toml").engine
+    store = JobStore(postgres_url)
+    for n in range(IMAGES):
+        path = tmp_path / "inbox" / f"{n}.png"
+        Image.fromarray(painting(256, 256, seed=n)).save(path)  # the smallest the engine takes
+        store.enqueue(path, options, inbox=tmp_path / "inbox")
+    yield tmp_path, store
+    store.close()
+
+
+def start_engine(root: Path, machine: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIXATIVE_", "NOTIFY_", "WATCHDOG_"))}
+    env.update(HOME=str(root), FIXATIVE_CONFIG=str(root / "config.toml"), OMP_NUM_THREADS="1",
+               FIXATIVE_STATE_DIR=str(root / machine))  # each machine's own state folder
+    with open(root / f"{machine}.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "engine"], env=env, cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 180) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(StoreUnavailable):  # our own connection, once, after the restart
+            if result := condition():
+                return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_until_ended(store: JobStore) -> None:
+    wait_for(lambda: store.counts()["done"] + store.counts()["failed"] == IMAGES, "every job to end")
+    assert store.counts()["done"] == IMAGES, [job.error for job in store.jobs("failed")]
+
+
+def done_ids(root: Path, machine: str) -> list[int]:
+    """The job ids an engine logged as done, in its JSON log lines."""
+    events = [json.loads(line) for line in (root / f"{machine}.log").read_text().splitlines() if line.startswith("{")]
+    return [event["job_id"] for event in events if event["event"] == "job.done"]
+
+
+def stop(*engines: subprocess.Popen) -> None:
+    for engine in engines:
+        engine.send_signal(signal.SIGTERM)
+    for engine in engines:
+        try:
+            engine.wait(timeout=60)
+        finally:
+            engine.kill()
+
+
+def test_two_engines_share_the_work_and_a_killed_ones_job_is_done_after_its_lease(shared) -> None:
+    root, store = shared
+    engines = {machine: start_engine(root, machine) for machine in ("a", "b")}
+    try:
+        # Engine b holds a job: kill it there, mid-image, as a power cut would.
+        b_pid = engines["b"].pid
+        held = wait_for(lambda: [j for j in store.jobs("running") if f":{b_pid}:" in (j.owner or "")],
+                        "engine b to claim a job")[0]
+        engines["b"].send_signal(signal.SIGKILL)
+        engines["b"].wait(timeout=30)
+        wait_until_ended(store)
+    finally:
+        stop(*engines.values())
+
+    a, b = done_ids(root, "a"), done_ids(root, "b")
+    assert sorted(a + b) == sorted(job.id for job in store.jobs("done"))  # each job done exactly once
+    assert a and held.id in a and held.id not in b
+    jobs = {job.id: job for job in store.jobs()}
+    # No job was claimed twice, but the one whose lease ran out with its engine.
+    assert {job_id: job.attempts for job_id, job in jobs.items() if job.attempts != 1} == {held.id: 2}
+    outputs = sorted(p.name for p in (root / "export").iterdir())
+    assert outputs == sorted(f"{n}.png" for n in range(IMAGES))  # one output each, no "-2" copies
+
+
+def test_an_engine_waits_out_a_database_restart_and_loses_nothing(shared, postgres_cluster) -> None:
+    root, store = shared
+    engine = start_engine(root, "a")
+    try:
+        wait_for(lambda: store.counts()["done"] >= 1, "the first image to be protected")
+        postgres_cluster.stop()  # every connection ends, as in a server restart
+        wait_for(lambda: "engine.store_unavailable" in (root / "a.log").read_text(), "the engine to notice")
+        postgres_cluster.start()
+        wait_until_ended(store)
+        assert engine.poll() is None  # it waited; it did not die and need a restart
+    finally:
+        stop(engine)
+    log = (root / "a.log").read_text()
+    assert "engine.store_resumed" in log and "Traceback" not in log, log[-3000:]
+    assert sorted(done_ids(root, "a")) == sorted(job.id for job in store.jobs("done"))
