@@ -67,7 +67,7 @@ class StoreUnavailable(Exception):
     meanwhile: the table is the only record, and it was not changed.
     """
 
-    remedy = "it resumes by itself once the job database is back"
+    remedy = "try again once it answers (the daemon waits for it by itself)"
 
 
 class StateDiskFull(StoreUnavailable):

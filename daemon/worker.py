@@ -134,7 +134,10 @@ class _Pulse(threading.Thread):
             try:
                 self.pulse()
                 self.disk.written()
-            except StoreUnavailable as error:  # the lease cannot be renewed, but nobody can claim meanwhile either
+            except StoreUnavailable as error:
+                # The lease cannot be renewed. Should this outlast it while other machines
+                # still reach the database, one of them takes the job, and the owner guard
+                # keeps this engine's late writes out.
                 self.disk.full(error)
             except Exception:  # a locked database must not silently end the heartbeats
                 log.exception("engine.pulse_failed")

@@ -7,7 +7,9 @@ marker file it cannot see.
 
 from __future__ import annotations
 
+import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,15 @@ def test_state_db_must_be_a_postgresql_url_and_is_not_echoed(tmp_path) -> None:
     with pytest.raises(ConfigError) as error:
         load_settings(None, state_db="mysql://root:hunter2@db/fixative")
     assert "state_db: must be a postgresql:// URL" in str(error.value) and "hunter2" not in str(error.value)
+
+
+def test_without_psycopg_a_postgresql_url_is_a_config_error_naming_the_install(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed: importing it fails
+    config = settings(tmp_path, "postgresql://fixative@db/fixative")
+    with pytest.raises(ConfigError, match=re.escape("pip install 'fixative[postgresql]'")):
+        open_store(config)
+    [(level, line)] = store_checks(config)
+    assert level == FAIL and "fixative[postgresql]" in line
 
 
 def test_sqlite_needs_no_database_server(tmp_path) -> None:

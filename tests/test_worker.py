@@ -24,7 +24,7 @@ import fixative.engine.model
 import fixative.engine.protect
 from fixative.daemon.settings import Settings
 from fixative.daemon.status import build_report, render
-from fixative.daemon.store import JobStore
+from fixative.daemon.store import JobStore, StoreUnavailable
 from fixative.daemon.worker import Engine, write_atomically
 from fixative.engine.errors import BadImage, OutOfMemory
 from fixative.engine.protect import Protected
@@ -210,6 +210,25 @@ def test_archive_moves_originals_without_overwriting(worker, store, settings, pr
     assert not (settings.inbox / "sub" / "a.png").exists()
     assert (settings.archive_dir / "sub" / "a-2.png").read_bytes() == b"one"
     assert (settings.archive_dir / "sub" / "a.png").read_bytes() == b"archived earlier"
+
+
+def test_a_finish_whose_answer_was_lost_but_that_landed_counts_as_ours(worker, store, settings, protect,
+                                                                       monkeypatch) -> None:
+    # A PostgreSQL COMMIT whose answer is lost with the connection may have landed
+    # (daemon.store_postgres): injected here, as no real server loses it on cue.
+    worker.settings = settings.model_copy(update={"after": "archive"})
+    finish = store.finish
+
+    def finish_then_lose_the_answer(*args):
+        monkeypatch.setattr(store, "finish", finish)
+        finish(*args)
+        raise StoreUnavailable("the job database is unavailable: server closed the connection unexpectedly")
+
+    monkeypatch.setattr(store, "finish", finish_then_lose_the_answer)
+    store.enqueue(drop(settings, "a.png", b"one"), settings.engine, inbox=settings.inbox)
+    assert run_one(worker, store).state == "done"
+    # Taken for its own finish, not someone else's: the rest of the job (archiving) went on.
+    assert (settings.archive_dir / "a.png").read_bytes() == b"one"
 
 
 def test_write_atomically_replaces_whole_files(tmp_path: Path) -> None:
