@@ -24,7 +24,7 @@ from PIL import Image
 
 from conftest import painting
 from fixative.daemon.settings import load_settings
-from fixative.daemon.store import JobStore, StoreUnavailable
+from fixative.daemon.store import Job, JobStore, StoreUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 6
@@ -32,7 +32,7 @@ IMAGES = 6
 
 @pytest.fixture
 def shared(tmp_path: Path, tiny_model: Path, postgres_url: str) -> tuple[Path, JobStore]:
-    """A config file for every machine, with IMAGES paintings queued in the shared inbox."""
+    """A config file for every machine, and IMAGES paintings in the shared inbox."""
     (tmp_path / "inbox").mkdir()
     (tmp_path / "config.toml").write_text(f"""
 inbox = "{tmp_path / 'inbox'}"
@@ -46,14 +46,19 @@ model = "{tiny_model}"
 steps = 2
 robust = false
 """)
-    options = load_settings(tmp_path / "config.toml").engine
-    store = JobStore(postgres_url)
     for n in range(IMAGES):
-        path = tmp_path / "inbox" / f"{n}.png"
-        Image.fromarray(painting(256, 256, seed=n)).save(path)  # the smallest the engine takes
-        store.enqueue(path, options, inbox=tmp_path / "inbox")
+        Image.fromarray(painting(256, 256, seed=n)).save(tmp_path / "inbox" / f"{n}.png")  # the smallest it takes
+    store = JobStore(postgres_url)
     yield tmp_path, store
     store.close()
+
+
+def queue_when_ready(root: Path, store: JobStore, *machines: str) -> None:
+    """Queue the images once every engine has loaded its model, so that none drains the queue alone."""
+    wait_for(lambda: all("engine.ready" in (root / f"{m}.log").read_text() for m in machines), "the engines to load")
+    options = load_settings(root / "config.toml").engine
+    for path in sorted((root / "inbox").iterdir()):
+        store.enqueue(path, options, inbox=root / "inbox")
 
 
 def start_engine(root: Path, machine: str) -> subprocess.Popen:
@@ -73,6 +78,18 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 180) -
                 return result
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def frozen_holding_a_job(engine: subprocess.Popen, store: JobStore) -> Job | None:
+    """Stop ``engine`` (SIGSTOP) and return the job it holds; if none, let it go on and return None.
+
+    Frozen, it cannot finish the job between our look and the kill.
+    """
+    engine.send_signal(signal.SIGSTOP)
+    held = [job for job in store.jobs("running") if f":{engine.pid}:" in (job.owner or "")]
+    if not held:
+        engine.send_signal(signal.SIGCONT)
+    return held[0] if held else None
 
 
 def wait_until_ended(store: JobStore) -> None:
@@ -100,10 +117,9 @@ def test_two_engines_share_the_work_and_a_killed_ones_job_is_done_after_its_leas
     root, store = shared
     engines = {machine: start_engine(root, machine) for machine in ("a", "b")}
     try:
+        queue_when_ready(root, store, "a", "b")
         # Engine b holds a job: kill it there, mid-image, as a power cut would.
-        b_pid = engines["b"].pid
-        held = wait_for(lambda: [j for j in store.jobs("running") if f":{b_pid}:" in (j.owner or "")],
-                        "engine b to claim a job")[0]
+        held = wait_for(lambda: frozen_holding_a_job(engines["b"], store), "engine b to claim a job")
         engines["b"].send_signal(signal.SIGKILL)
         engines["b"].wait(timeout=30)
         wait_until_ended(store)
@@ -124,6 +140,7 @@ def test_an_engine_waits_out_a_database_restart_and_loses_nothing(shared, postgr
     root, store = shared
     engine = start_engine(root, "a")
     try:
+        queue_when_ready(root, store, "a")
         wait_for(lambda: store.counts()["done"] >= 1, "the first image to be protected")
         postgres_cluster.stop()  # every connection ends, as in a server restart
         wait_for(lambda: "engine.store_unavailable" in (root / "a.log").read_text(), "the engine to notice")
