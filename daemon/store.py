@@ -64,7 +64,8 @@ class StoreUnavailable(Exception):
 
     The watcher, the engine and ``fixative run`` wait and try again
     (``daemon.state_disk``), saying why in the log, and nothing is lost
-    meanwhile: the table is the only record, and it was not changed.
+    meanwhile: what could not be recorded is recorded once the table answers
+    (``daemon.store_postgres`` says why a write whose answer was lost is safe either way).
     """
 
     remedy = "try again once it answers (the daemon waits for it by itself)"

@@ -302,6 +302,24 @@ def test_two_processes_never_claim_the_same_job(store: JobStore, inbox: Path) ->
     assert store.counts()["done"] == 60
 
 
+def test_sixteen_claimers_with_a_store_each_take_every_job_once(store: JobStore, inbox: Path) -> None:
+    # Sixteen engines' worth of concurrent claims and finishes: no job twice, and
+    # no deadlock or lock timeout between the claims' sweeps and finishes.
+    ids = {store.enqueue(drop(inbox, f"{i}.png", str(i).encode()), OPTIONS).id for i in range(64)}
+
+    def drain(n: int) -> list[int]:
+        mine, claimed = JobStore(store.location), []
+        while (job := mine.claim(f"engine-{n}", 60)) is not None:
+            claimed.append(job.id)
+            assert mine.finish(job.id, f"engine-{n}", f"/export/{job.id}.png", {})
+        mine.close()
+        return claimed
+
+    with ThreadPoolExecutor(16) as pool:
+        claimed = [job_id for ids_of_one in pool.map(drain, range(16)) for job_id in ids_of_one]
+    assert sorted(claimed) == sorted(ids) and store.counts()["done"] == 64
+
+
 def test_the_sqlite_utils_floor_is_a_version_the_store_works_with() -> None:
     # sqlite-utils 3.x's executescript() COMMITs first (sqlite3's own behaviour), so with
     # 3.38 a fresh JobStore() failed: "cannot commit - no transaction is active". 4.0 and
