@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -142,6 +143,7 @@ class Job:
     options: dict[str, Any] | None = None  # the EngineOptions it was queued with, as JSON
     archived_to: str | None = None
     output_sha256: str | None = None
+    engine: str | None = None  # the engine that claimed it last (processes.name)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
@@ -357,10 +359,14 @@ class JobStore:
 
     # -- the engine's side ------------------------------------------------
 
-    def claim(self, owner: str, lease_seconds: float) -> Job | None:
-        """Take the oldest queued job for ``owner`` for ``lease_seconds``, or return None."""
+    def claim(self, owner: str, lease_seconds: float, engine: str | None = None) -> Job | None:
+        """Take the oldest queued job for ``owner`` for ``lease_seconds``, or return None.
+
+        ``engine``: the claiming engine's name, kept on the job (who did it).
+        """
         now = time.time()
-        params = {"now": now, "owner": owner, "expires": now + lease_seconds, "max": self.max_attempts}
+        params = {"now": now, "owner": owner, "expires": now + lease_seconds, "max": self.max_attempts,
+                  "engine": engine}
         # Each statement takes its rows with `skip_locked` (FOR UPDATE SKIP LOCKED on
         # PostgreSQL): a row that another claimer is sweeping or claiming right now
         # is theirs, so claimers on several machines never wait for one another,
@@ -384,7 +390,7 @@ class JobStore:
                 params,
             )
             rows = self._rows(
-                f"""UPDATE jobs SET state = 'running', owner = :owner, lease_expires = :expires,
+                f"""UPDATE jobs SET state = 'running', owner = :owner, engine = :engine, lease_expires = :expires,
                            attempts = attempts + 1, started_at = :now, updated_at = :now,
                            progress_step = NULL, progress_total = NULL
                     WHERE id = (SELECT id FROM jobs
@@ -534,29 +540,34 @@ class JobStore:
                 {"id": job_id, "now": time.time()},
             )
 
-    def beat(self, process: str, status: str = "", *, progress_at: float | None = None) -> None:
-        """Record that ``process`` ("watcher" or "engine") is alive; ``fixative status`` reads it.
+    def beat(self, process: str, status: str = "", *, progress_at: float | None = None,
+             device: str | None = None) -> None:
+        """Record that ``process`` ("watcher", or an engine's name) is alive; ``fixative status`` reads it.
 
         ``progress_at``: when its main loop last moved, if that is not now (the
         engine beats from a side thread, so it passes its last step's time).
+        ``device``: an engine's device.
         """
         now = time.time()
         with self._write():
             self._execute(
-                """INSERT INTO processes (name, pid, status, beat_at, progress_at)
-                   VALUES (:name, :pid, :status, :now, :progress_at)
+                """INSERT INTO processes (name, pid, status, beat_at, progress_at, host, device)
+                   VALUES (:name, :pid, :status, :now, :progress_at, :host, :device)
                    ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, status = excluded.status,
-                          beat_at = excluded.beat_at, progress_at = excluded.progress_at""",
+                          beat_at = excluded.beat_at, progress_at = excluded.progress_at,
+                          host = excluded.host, device = excluded.device""",
                 {"name": process, "pid": os.getpid(), "status": status, "now": now,
-                 "progress_at": now if progress_at is None else progress_at},
+                 "progress_at": now if progress_at is None else progress_at,
+                 "host": socket.gethostname(), "device": device},
             )
 
     def processes(self) -> dict[str, dict[str, Any]]:
-        """``{name: {pid, status, beat_at, progress_at, age_seconds, progress_age_seconds}}`` for every process that ever beat."""
+        """``{name: {pid, status, beat_at, progress_at, host, device, age_seconds, progress_age_seconds}}``
+        for every process that ever beat; engines are those with a device."""
         now = time.time()
         return {
             row["name"]: {
-                **{k: row[k] for k in ("pid", "status", "beat_at")},
+                **{k: row[k] for k in ("pid", "status", "beat_at", "host", "device")},
                 "progress_at": row["progress_at"] or row["beat_at"],
                 "age_seconds": now - row["beat_at"],
                 "progress_age_seconds": now - (row["progress_at"] or row["beat_at"]),
@@ -572,6 +583,11 @@ class JobStore:
     def running(self) -> Job | None:
         """The job being protected now (the latest claimed, should an expired lease linger)."""
         return self._job("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at DESC LIMIT 1", {})
+
+    def running_jobs(self) -> list[Job]:
+        """Every job being protected now, the latest claimed first: one per engine at work."""
+        rows = self._rows("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at DESC", {})
+        return [Job.from_row(r) for r in rows]
 
     def failures(self, limit: int = 10) -> list[Job]:
         """The latest failures: failed jobs, and queued ones whose last attempt failed and that will be retried."""
@@ -608,3 +624,12 @@ class JobStore:
             "skipped": row["skipped"],
             "mean_seconds": row["mean_seconds"],
         }
+
+    def throughput_by_engine(self, hours: float = 24) -> dict[str, dict[str, Any]]:
+        """``{engine: {done, mean_seconds}}``: the images each engine protected in the last ``hours``."""
+        rows = self._rows(
+            """SELECT engine, COUNT(*) AS done, AVG(finished_at - started_at) AS mean_seconds
+               FROM jobs WHERE state = 'done' AND finished_at >= :since AND engine IS NOT NULL GROUP BY engine""",
+            {"since": time.time() - hours * 3600},
+        )
+        return {row["engine"]: {"done": row["done"], "mean_seconds": row["mean_seconds"]} for row in rows}

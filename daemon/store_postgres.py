@@ -118,6 +118,13 @@ MIGRATIONS = [
         PRIMARY KEY (machine, folder)
     );
     """,
+    # daemon.store_sqlite's migration 4 (one heartbeat row per engine; the engine that did each job).
+    """
+    ALTER TABLE processes ADD COLUMN host TEXT;
+    ALTER TABLE processes ADD COLUMN device TEXT;
+    ALTER TABLE jobs ADD COLUMN engine TEXT;
+    DELETE FROM processes WHERE name = 'engine';
+    """,
 ]
 
 

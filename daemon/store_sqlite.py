@@ -117,6 +117,17 @@ MIGRATIONS = [
     CREATE INDEX jobs_by_source ON jobs (source_path);
     CREATE INDEX jobs_by_output ON jobs (output_path);
     """,
+    # Several engines, one per device, on one machine or several sharing the table.
+    # Each beats under a name of its own ("engine cuda:1@host"), with its host and
+    # device, and marks the jobs it claims (jobs.engine: who holds it, and once
+    # done, who did it), so that status shows each engine's job and throughput.
+    # The single engine's row, named "engine", has no successor.
+    """
+    ALTER TABLE processes ADD COLUMN host TEXT;
+    ALTER TABLE processes ADD COLUMN device TEXT;
+    ALTER TABLE jobs ADD COLUMN engine TEXT;
+    DELETE FROM processes WHERE name = 'engine';
+    """,
 ]
 
 
