@@ -50,10 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("watch", help="watch the inbox and queue finished images (no GPU needed)")
     p.set_defaults(run=_watch)
 
-    p = commands.add_parser("engine", help="protect queued images with the GPU (one process per machine)")
+    p = commands.add_parser("engine", help="protect queued images on one device (a GPU)")
+    p.add_argument("--device", type=_device, metavar="DEVICE",
+                   help="cpu, cuda, cuda:1, mps... (default: [engine] device); queued jobs run here whatever they were queued with")
     # How `fixative run` hands its state-folder lock to its engine child (daemon.lock).
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--owner", help=argparse.SUPPRESS)  # set by `fixative run`, to release a dead engine's job
+    p.add_argument("--label", help=argparse.SUPPRESS)  # set by `fixative run`: "cpu#2" for a device's second engine
     p.set_defaults(run=_engine)
 
     p = commands.add_parser("run", help="the daemon: watcher + engine, as the systemd unit starts it")
@@ -140,14 +143,27 @@ def _watch(args: argparse.Namespace) -> int:
         return run_watcher(settings, _stop_event())
 
 
+def _device(value: str) -> str:
+    from pydantic import TypeAdapter, ValidationError
+
+    from fixative.engine.options import Device
+
+    try:
+        return TypeAdapter(Device).validate_python(value)
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: auto, cpu, mps, cuda or cuda:N") from None
+
+
 def _engine(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from fixative.daemon.logs import configure_logging
     from fixative.daemon.worker import run_engine
 
     configure_logging(args.verbose)
+    if args.device:
+        settings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"device": args.device})})
     with hold(settings.state_dir, "engine", inherited_fd=args.lock_fd):
-        return run_engine(settings, _stop_event(), args.owner)
+        return run_engine(settings, _stop_event(), args.owner, args.label)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,7 +29,7 @@ from pydantic_settings import (
 )
 
 from fixative.daemon.inbox_filter import WatcherConfigError, check_folders
-from fixative.engine.options import EngineOptions
+from fixative.engine.options import Device, EngineOptions
 
 # sysexits.h EX_CONFIG. The systemd unit has RestartPreventExitStatus=78, so a
 # config error stops the service instead of restarting it in a loop.
@@ -84,6 +85,20 @@ class WorkerSettings(BaseModel):
         return self
 
 
+class EngineSettings(EngineOptions):
+    """``[engine]``: the options every image is protected with, plus ``devices``.
+
+    ``devices`` is read here, where people look for it, but it is no option of
+    an image: :class:`Settings` moves it out, and ``settings.engine`` is the
+    plain :class:`EngineOptions` that is stored on each job and fingerprinted.
+    """
+
+    # One engine process per entry under `fixative run`, each on its device.
+    # The same device may be listed twice: two engines then share it (each
+    # with its own model copy); on a CPU that is how two engines are tried.
+    devices: list[Device] | None = Field(None, min_length=1)
+
+
 # The TOML file that Settings reads; set by load_settings. A context variable
 # rather than a class attribute, so that two loads (tests, threads) never see
 # each other's file.
@@ -114,7 +129,21 @@ class Settings(BaseSettings):
     archive_dir: UserPath | None = None
     watcher: WatcherSettings = WatcherSettings()
     worker: WorkerSettings = WorkerSettings()
-    engine: EngineOptions = EngineOptions()
+    # Read as EngineSettings; after validation, the EngineOptions without `devices` (see EngineSettings).
+    engine: EngineSettings = EngineSettings()
+    _devices: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _devices_apart(self) -> Settings:
+        if isinstance(self.engine, EngineSettings):
+            self._devices = self.engine.devices or [self.engine.device]
+            self.engine = EngineOptions.model_validate(self.engine.model_dump(exclude={"devices"}))
+        return self
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices `fixative run` starts one engine on each: ``[engine] devices``, else ``[engine] device``."""
+        return list(self._devices)
 
     @field_validator("state_db")
     @classmethod

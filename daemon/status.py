@@ -1,15 +1,21 @@
 """``fixative status``: what the daemon is doing, read from the job table alone.
 
-It never talks to the daemon's processes: the watcher and the engine write a
+It never talks to the daemon's processes: the watcher and each engine write a
 heartbeat row every few seconds, and a process whose heartbeat is older than
 :data:`ALIVE_WITHIN_SECONDS` counts as dead. So status works the same from a
 terminal, a script or a cron job, and cannot hang on a stuck daemon.
+
+The engines shown are those this machine's settings start (one per ``[engine]
+devices`` entry, shown even if they never beat), and any other engine that is
+alive, such as one on another machine sharing the job table.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,6 @@ ALIVE_WITHIN_SECONDS = 60.0
 # healthy engine, on 2 CPU cores (bench/README.md, 768x512): 21 s per step, and
 # 268 s for the first step plus the report's figures, which report no progress.
 STALLED_AFTER_SECONDS = 600.0
-PROCESSES = ("watcher", "engine")
 # What status calls a full state disk. SQLite needs a few pages per write; with
 # less than this left for this user (statvfs f_bavail), writes are failing or about to.
 FULL_BELOW_BYTES = 1 << 20
@@ -35,18 +40,45 @@ FULL_BELOW_BYTES = 1 << 20
 EXIT_DAEMON_DOWN = 3
 
 
+def engine_labels(devices: list[str]) -> list[str]:
+    """What tells the engines apart on this machine: their devices, ``cpu#2`` for a device's second engine."""
+    seen: Counter[str] = Counter()
+    labels = []
+    for device in devices:
+        seen[device] += 1
+        labels.append(device if seen[device] == 1 else f"{device}#{seen[device]}")
+    return labels
+
+
+def engine_name(label: str) -> str:
+    """An engine's name in the job table (its heartbeat row, its mark on jobs): ``engine cuda:1@host``.
+
+    Stable across restarts, unlike its lease owner id. The host is in it because
+    several machines may share one job table.
+    """
+    return f"engine {label}@{socket.gethostname()}"
+
+
+def _never_started(**extra: Any) -> dict[str, Any]:
+    return {"alive": False, "stalled": False, "pid": None, "status": "never started", "age_seconds": None,
+            "progress_age_seconds": None, **extra}
+
+
 def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) -> dict[str, Any]:
     """The ``status --json`` object. Creates nothing when the daemon has never run."""
     now = time.time()
+    configured = {engine_name(label): device for label, device in zip(engine_labels(settings.devices), settings.devices)}
     report: dict[str, Any] = {
         "up": False,
         # Why it is not up, when that is not a dead process: the daemon waits out a full
         # state disk without a heartbeat to record it in (daemon.state_disk).
         "waiting": None,
         "database": describe_store(settings),  # a PostgreSQL URL without its password
-        "processes": {name: {"alive": False, "stalled": False, "pid": None, "status": "never started",
-                             "age_seconds": None, "progress_age_seconds": None}
-                      for name in PROCESSES},
+        "processes": {"watcher": _never_started()},
+        # One entry per engine: its heartbeat, its job now, what it did in the last 24 h.
+        "engines": [_never_started(name=name, device=device, host=socket.gethostname(), running=None,
+                                   throughput_24h={"done": 0, "mean_seconds": None})
+                    for name, device in configured.items()],
         "counts": dict.fromkeys(STATES, 0),
         "running": None,
         "failures": [],
@@ -58,21 +90,23 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
     store = open_store(settings)
     try:
         try:
-            beats = store.processes()
+            beats = {name: {"alive": is_alive(beat), "stalled": is_stalled(beat), **beat}
+                     for name, beat in store.processes().items()}
         except StoreUnavailable as error:  # a PostgreSQL job table that is away: nothing else can be read
             report["waiting"] = f"{error}; {error.remedy}"
             return report
-        for name, beat in beats.items():
-            report["processes"][name] = {"alive": is_alive(beat), "stalled": is_stalled(beat), **beat}
+        if "watcher" in beats:
+            report["processes"]["watcher"] = beats["watcher"]
+        running = store.running_jobs()
+        report["engines"] = _engines(report["engines"], beats, running, store.throughput_by_engine(24), now)
         if looks_full(settings.state_dir):
             report["waiting"] = (f"the state folder's disk is full ({settings.state_dir}: "
                                  f"{free_bytes(settings.state_dir) // 1024} KiB free); "
                                  "nothing can be queued or recorded until there is space, then it resumes by itself")
-        report["up"] = report["waiting"] is None and all(p["alive"] and not p["stalled"]
-                                                          for p in report["processes"].values())
+        report["up"] = report["waiting"] is None and bool(report["engines"]) and all(
+            p["alive"] and not p["stalled"] for p in [report["processes"]["watcher"], *report["engines"]])
         report["counts"] = store.counts()
-        running = store.running()
-        report["running"] = _running(running, now) if running else None
+        report["running"] = _running(running[0], now) if running else None
         report["failures"] = [
             # "queued" here means the failure was transient and it will be retried by itself.
             {"id": job.id, "path": job.source_path, "error": job.error, "state": job.state,
@@ -91,6 +125,22 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
     return report
 
 
+def _engines(configured: list[dict[str, Any]], beats: dict[str, dict[str, Any]], running: list[Job],
+             throughput: dict[str, dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """This machine's engines, with their beats if any, then any other live engine; each with its job and figures."""
+    engines = [{**engine, **beats.get(engine["name"], {})} for engine in configured]
+    engines += [{"name": name, **beat} for name, beat in sorted(beats.items())
+                if beat["device"] is not None and beat["alive"] and name not in {e["name"] for e in configured}]
+    jobs: dict[str, Job] = {}
+    for job in running:  # the latest claimed first, should an expired lease linger
+        jobs.setdefault(job.engine, job)
+    for engine in engines:
+        job = jobs.get(engine["name"])
+        engine["running"] = _running(job, now) if job and engine["alive"] else None
+        engine["throughput_24h"] = throughput.get(engine["name"], {"done": 0, "mean_seconds": None})
+    return engines
+
+
 def free_bytes(state_dir: Path) -> int:
     folder = state_dir
     while not folder.exists():  # not created yet: the disk it will be on
@@ -103,7 +153,8 @@ def looks_full(state_dir: Path) -> bool:
 
 
 def is_alive(beat: dict[str, Any] | None) -> bool:
-    return beat is not None and beat["age_seconds"] < ALIVE_WITHIN_SECONDS and beat["status"] != "stopped"
+    # "stopped", or "stopped: <why>" from an engine that could not start (a device that does not exist).
+    return beat is not None and beat["age_seconds"] < ALIVE_WITHIN_SECONDS and not beat["status"].startswith("stopped")
 
 
 def is_stalled(beat: dict[str, Any] | None) -> bool:
@@ -134,19 +185,32 @@ def _running(job: Job, now: float) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    """The report for a person at a terminal."""
-    processes = report["processes"]
-    verdict = "up" if report["up"] else f"WAITING ({report['waiting']})" if report["waiting"] else "DOWN"
-    lines = [
-        f"fixative is {verdict}: " + ", ".join(f"{name} {_process(processes[name])}" for name in PROCESSES),
-        " · ".join(f"{state} {report['counts'][state]}" for state in STATES),
-    ]
-    running = report["running"]
-    if running:
-        progress = f"{running['step']}/{running['total']} ({running['percent']}%)" if running["total"] else "starting"
-        speed = f" · {running['seconds_per_step']:.1f} s/step" if running["seconds_per_step"] else ""
-        eta = f" · ETA {_duration(running['eta_seconds'])}" if running["eta_seconds"] is not None else ""
-        lines.append(f"now: {printable(running['relative_path'])} {progress}{speed}{eta} (attempt {running['attempt']})")
+    """The report for a person at a terminal.
+
+    One engine reads as it always did (``engine alive``, then a ``now:`` line);
+    several get a line each, with their pid, job and last 24 hours.
+    """
+    engines = report["engines"]
+    working = sum(e["alive"] and not e["stalled"] for e in engines)
+    watching = report["processes"]["watcher"]["alive"] and not report["processes"]["watcher"]["stalled"]
+    verdict = ("up" if report["up"] else f"WAITING ({report['waiting']})" if report["waiting"]
+               else f"DEGRADED ({working} of {len(engines)} engines working)" if watching and working else "DOWN")
+    watcher = f"watcher {_process(report['processes']['watcher'])}"
+    if len(engines) == 1:
+        lines = [f"fixative is {verdict}: {watcher}, engine {_process(engines[0])}"]
+    else:
+        lines = [f"fixative is {verdict}: {watcher}, {len(engines)} engines"]
+        for engine in engines:
+            title = engine["name"].removesuffix(f"@{socket.gethostname()}")
+            pid = f" (pid {engine['pid']})" if engine["pid"] else ""
+            day = engine["throughput_24h"]
+            mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""
+            lines.append(f"  {printable(title)}{pid} {_process(engine)} · last 24h: {day['done']} done{mean}")
+            if engine["running"]:
+                lines.append(f"    {_now(engine['running'])}")
+    lines.append(" · ".join(f"{state} {report['counts'][state]}" for state in STATES))
+    if report["running"] and len(engines) == 1:
+        lines.append(_now(report["running"]))
     day = report["throughput_24h"]
     mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""
     lines.append(f"last 24h: {day['done']} done{mean}, {day['failed']} failed, {day['skipped']} skipped as duplicates")
@@ -164,6 +228,13 @@ def render(report: dict[str, Any]) -> str:
                   f"{' (will retry)' if f['state'] == 'queued' else ''}"
                   for f in report["failures"]]
     return "\n".join(lines)
+
+
+def _now(running: dict[str, Any]) -> str:
+    progress = f"{running['step']}/{running['total']} ({running['percent']}%)" if running["total"] else "starting"
+    speed = f" · {running['seconds_per_step']:.1f} s/step" if running["seconds_per_step"] else ""
+    eta = f" · ETA {_duration(running['eta_seconds'])}" if running["eta_seconds"] is not None else ""
+    return f"now: {printable(running['relative_path'])} {progress}{speed}{eta} (attempt {running['attempt']})"
 
 
 def printable(text: str | None) -> str:
@@ -194,8 +265,9 @@ def _process(beat: dict[str, Any]) -> str:
         return "never started"
     if beat["alive"] and beat["stalled"]:
         return f"STALLED (no progress for {_duration(beat['progress_age_seconds'])}: {beat['status']})"
-    state = "alive" if beat["alive"] else "stopped" if beat["status"] == "stopped" else "dead"
-    detail = f": {beat['status']}" if beat["status"] and beat["alive"] else ""
+    state = "alive" if beat["alive"] else "stopped" if beat["status"].startswith("stopped") else "dead"
+    why = beat["status"].removeprefix("stopped").removeprefix(": ")  # an engine that could not start says why
+    detail = f": {beat['status']}" if beat["status"] and beat["alive"] else f": {why}" if state == "stopped" and why else ""
     return f"{state} ({_duration(beat['age_seconds'])} ago{detail})"
 
 

@@ -1,17 +1,26 @@
-"""``fixative run``: the watcher in this process, the engine as a child it restarts.
+"""``fixative run``: the watcher in this process, one engine child per device, each restarted alone.
 
-This is what the systemd unit starts. Why two processes: the engine holds
+This is what the systemd unit starts. Why separate processes: an engine holds
 gigabytes of model and talks to a GPU driver; when it crashes or is killed by
-the OOM killer, the watcher must keep queueing files, and the engine comes
-back on its own. Why not two units: one service is simpler to install and to
-reason about for an artist.
+the OOM killer, the watcher must keep queueing files, the other engines keep
+working, and the dead one comes back on its own. Why not one unit each: one
+service is simpler to install and to reason about for an artist.
 
-Only this process talks to systemd (``NotifyAccess=main``): the engine child
-gets no ``NOTIFY_SOCKET`` and reports through its heartbeat row in the job
-table, which this loop reads to send READY (once the model is loaded),
-STATUS (the engine's own line) and WATCHDOG (only when the engine's loop has
-moved since the last ping and the watcher beats, so that the unit's
-``WatchdogSec`` is the one stall limit; see ``daemon.status.STALLED_AFTER_SECONDS``).
+``[engine] devices`` lists the devices (default: one engine on ``[engine]
+device``). Each child runs ``fixative engine --device D`` with an owner id of
+its own, so its leases are its own: when it dies, its job, and only its job,
+goes back to the queue at once.
+
+Only this process talks to systemd (``NotifyAccess=main``): the children get
+no ``NOTIFY_SOCKET`` and report through their heartbeat rows in the job table,
+which this loop reads to send READY (once the first engine has loaded its
+model), STATUS (the engines' own lines) and WATCHDOG. An engine whose loop has
+not moved for the stall limit (the unit's ``WatchdogSec``, which is
+``daemon.status.STALLED_AFTER_SECONDS``) is killed and restarted here, alone:
+with several engines, a hung one must neither hide behind a healthy one nor
+take it down with a restart of the whole service. The watchdog is pinged while
+the watcher beats and no engine is past that limit, so systemd steps in only
+when this loop itself, the watcher, or a kill fails.
 
 This process never imports torch.
 """
@@ -31,19 +40,20 @@ import structlog
 from fixative.daemon.inbox_filter import WatcherConfigError
 from fixative.daemon.notify import notify, watchdog_interval
 from fixative.daemon.settings import EX_CONFIG, Settings
-from fixative.daemon.status import is_alive, is_healthy, looks_full
+from fixative.daemon.status import (STALLED_AFTER_SECONDS, engine_labels, engine_name, is_alive, is_healthy,
+                                    looks_full)
 from fixative.daemon.store import JobStore, StoreUnavailable, open_store
 from fixative.daemon.worker import LOADING_STATUS, new_owner
 
 log = structlog.get_logger()
 
 TICK_SECONDS = 1.0
-# Restart backoff for an engine that keeps dying early (a broken driver):
+# Restart backoff for an engine that keeps dying early (a broken driver), each engine its own:
 # doubling from 5 s, at most 5 minutes, well inside the unit's WatchdogSec.
 RESTART_MIN_SECONDS, RESTART_MAX_SECONDS = 5.0, 300.0
 # An engine that ran this long before dying was working; restart it quickly.
 HEALTHY_RUN_SECONDS = 600.0
-# Waiting for the engine to finish or release its job on stop; the unit's
+# Waiting for the engines to finish or release their jobs on stop; the unit's
 # TimeoutStopSec (180 s) SIGKILLs everything shortly after.
 ENGINE_STOP_SECONDS = 170.0
 STATE_DISK_FULL_STATUS = "waiting: the state folder's disk is full; resumes by itself once there is space"
@@ -85,125 +95,169 @@ class _WatcherThread(threading.Thread):
 
 def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[str],
                pass_fds: tuple[int, ...] = ()) -> int:
-    """Supervise until ``stop`` is set or the watcher dies; returns the exit status.
+    """Supervise until ``stop`` is set, the watcher dies, or no engine can run; returns the exit status.
 
-    ``pass_fds``: descriptors the engine child inherits (the state folder's lock).
+    ``engine_command``: ``fixative engine`` with the flags every child shares.
+    ``pass_fds``: descriptors the engine children inherit (the state folder's lock).
     """
     store = open_store(settings)
     watcher = _WatcherThread(settings)
     watcher.start()
-    engine = _Engine(engine_command, store, pass_fds)
+    engines = [_Engine(engine_command, label, device, store, pass_fds)
+               for label, device in zip(engine_labels(settings.devices), settings.devices)]
     ready = False
     last_status = ""
     ping_every = watchdog_interval()
+    # The unit's WatchdogSec, equal to STALLED_AFTER_SECONDS (tests/test_systemd_unit.py);
+    # read from systemd so that a test can shorten both together.
+    stall_limit = 2 * ping_every if ping_every else STALLED_AFTER_SECONDS
     next_ping = 0.0
-    pinged_progress = 0.0  # the engine's progress_at when we last pinged the watchdog
     try:
         while not stop.is_set():
             if not watcher.is_alive():
                 log.error("run.watcher_stopped", exit_code=watcher.exit_code)
                 return watcher.exit_code or 1
-            code = engine.poll_and_restart(stop)
-            if code == EX_CONFIG:
-                return EX_CONFIG  # the engine logged why (model missing...); restarting cannot help
             try:
                 beats, waiting = store.processes(), None
             except StoreUnavailable as error:  # the PostgreSQL job table is away; the store reconnects
                 beats, waiting = {}, f"waiting: {error}; {error.remedy}"
-            engine_beat = beats.get("engine")
-            engine_fresh = is_alive(engine_beat) and engine_beat["pid"] == engine.pid
             # A full state disk, or a job database that is away, stops every heartbeat
-            # while both loops wait (daemon.state_disk): say so, and keep systemd's
-            # watchdog from restarting a daemon that is waiting, not hung.
+            # while the loops wait (daemon.state_disk): say so, and neither kill an engine
+            # nor let systemd's watchdog restart a daemon that is waiting, not hung.
             if waiting is None and looks_full(settings.state_dir):
                 waiting = STATE_DISK_FULL_STATUS
-            paused = code is None and waiting is not None
-            if paused and last_status != waiting:
-                last_status = waiting
-                notify(f"STATUS={last_status}")
-            elif engine_fresh and not paused:
-                if not ready and not engine_beat["status"].startswith(LOADING_STATUS):
-                    notify("READY=1")
-                    ready = True
-                if engine_beat["status"] != last_status:
-                    last_status = engine_beat["status"]
-                    notify(f"STATUS={last_status}")
-            # Ping for progress, not for time: had it pinged every WatchdogSec/2 while the
-            # engine counted as not stalled, a hang would be noticed after the stall
-            # limit *plus* WatchdogSec (25 minutes with 900 s and 600 s).
-            moved = (engine_fresh and engine_beat["progress_at"] > pinged_progress
-                     and is_healthy(beats.get("watcher")))
-            if ping_every and (moved or paused and time.monotonic() >= next_ping):
+            for engine in engines:
+                engine.supervise(beats.get(engine.name), None if waiting else stall_limit)
+            if all(engine.gave_up for engine in engines):
+                return EX_CONFIG  # each logged why (model missing...); restarting cannot help
+            live = [(engine, beat) for engine in engines
+                    if (beat := beats.get(engine.name)) and beat["pid"] == engine.pid and is_alive(beat)]
+            status = waiting or _status_line(live)
+            if not ready and not waiting and any(not beat["status"].startswith(LOADING_STATUS) for _, beat in live):
+                notify("READY=1")  # the first engine has loaded its model: work is being done
+                ready = True
+            if status and status != last_status:
+                last_status = status
+                notify(f"STATUS={status}")
+            moving = is_healthy(beats.get("watcher")) and not any(e.stalled(beats.get(e.name), stall_limit) for e in engines)
+            if ping_every and (moving or waiting) and time.monotonic() >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every
-                if moved:
-                    pinged_progress = engine_beat["progress_at"]
             stop.wait(TICK_SECONDS)
         return 0
     finally:
-        notify("STOPPING=1", "STATUS=stopping: letting the engine finish or release its job")
+        notify("STOPPING=1", "STATUS=stopping: letting the engines finish or release their jobs")
         watcher.stop.set()
-        engine.terminate()
+        _terminate(engines)
         watcher.join(timeout=30)
         store.close()
 
 
+def _status_line(live: list[tuple[_Engine, dict]]) -> str:
+    if len(live) == 1:
+        return live[0][1]["status"]
+    return "; ".join(f"{engine.label}: {beat['status']}" for engine, beat in live)
+
+
+def _terminate(engines: list[_Engine]) -> None:
+    """SIGTERM every engine at once, then wait for each (they finish or release their jobs in parallel)."""
+    for engine in engines:
+        engine.signal(signal.SIGTERM)
+    deadline = time.monotonic() + ENGINE_STOP_SECONDS
+    for engine in engines:
+        engine.wait_or_kill(deadline)
+
+
 class _Engine:
-    """The engine child process, restarted with a backoff when it dies.
+    """One engine child on one device, restarted with a backoff of its own when it dies.
 
     Each start gets a lease owner id of our choosing (``engine --owner``), so
     that when the child dies, its job goes back to the queue at once instead
-    of looking "running" until its lease expires (300 s by default).
+    of looking "running" until its lease expires (300 s by default). The
+    backoff is a restart time, checked on each tick, never a wait: waiting in
+    the loop would leave the other engines unsupervised meanwhile.
     """
 
-    def __init__(self, command: list[str], store: JobStore, pass_fds: tuple[int, ...] = ()):
-        self.command, self.store, self.pass_fds = command, store, pass_fds
+    def __init__(self, command: list[str], label: str, device: str, store: JobStore, pass_fds: tuple[int, ...] = ()):
+        self.command = [*command, "--device", device, "--label", label]
+        self.label, self.name = label, engine_name(label)
+        self.store, self.pass_fds = store, pass_fds
         # The child must not notify systemd itself (NotifyAccess=main would
         # reject it and log a warning on every message).
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         self.quick_deaths = 0  # deaths in a row that came soon after a start
+        self.restart_at: float | None = None
+        self.gave_up = False  # exited with EX_CONFIG: not restarted
+        self.killed_for: str | None = None  # why we killed it, for its job's error
         self.start()
 
     def start(self) -> None:
         self.owner = new_owner()
-        self.process = subprocess.Popen([*self.command, "--owner", self.owner], env=self.env,
-                                        preexec_fn=_die_with_parent, pass_fds=self.pass_fds)
-        self.started = time.monotonic()
-        log.info("run.engine_started", pid=self.process.pid)
+        self.process: subprocess.Popen | None = subprocess.Popen(
+            [*self.command, "--owner", self.owner], env=self.env, preexec_fn=_die_with_parent, pass_fds=self.pass_fds)
+        self.started, self.started_at = time.monotonic(), time.time()
+        self.restart_at, self.killed_for = None, None
+        log.info("run.engine_started", engine=self.label, pid=self.process.pid)
 
     @property
-    def pid(self) -> int:
-        return self.process.pid
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
 
-    def poll_and_restart(self, stop: threading.Event) -> int | None:
-        """If the engine died, restart it (after a backoff) and return its exit code; None if it runs."""
+    def supervise(self, beat: dict | None, stall_limit: float | None) -> None:
+        """One tick: notice a death, kill a child stalled past ``stall_limit`` (None: judge none), restart when due."""
+        if self.process is None:
+            if self.restart_at is not None and time.monotonic() >= self.restart_at:
+                self.start()
+            return
         code = self.process.poll()
-        if code is None:
-            return None
+        if code is not None:
+            self.died(code)
+        elif stall_limit is not None and self.killed_for is None and self.stalled(beat, stall_limit):
+            # A step hung in a GPU driver: its heartbeat thread may beat on, its loop does not move.
+            self.killed_for = f"it made no progress for {stall_limit:.0f} s, and was killed"
+            log.error("run.engine_stalled", engine=self.label, pid=self.pid, seconds=round(stall_limit),
+                      status=beat["status"] if beat else None)
+            self.process.kill()
+
+    def stalled(self, beat: dict | None, stall_limit: float) -> bool:
+        """Running, and its loop has shown no progress (in its beat, or since its start) for ``stall_limit``."""
+        if self.process is None:
+            return False
+        shown = beat["progress_at"] if beat is not None and beat["pid"] == self.pid else 0.0
+        return time.time() - max(self.started_at, shown) > stall_limit
+
+    def died(self, code: int) -> None:
+        self.process = None
         if code == EX_CONFIG:
-            log.error("run.engine_config_error", hint="see the engine's error above; fix it and restart")
-            return code
+            # A device that does not exist, a model that cannot load: a restart cannot
+            # fix it. Only this engine stops (its beat says why, for status): a missing
+            # second GPU must not stop the first. run_daemon exits once all have stopped.
+            self.gave_up = True
+            log.error("run.engine_config_error", engine=self.label,
+                      hint="see the engine's error above; fix it and restart")
+            return
         released = self.release_jobs(code)
         lived = time.monotonic() - self.started
         if lived > HEALTHY_RUN_SECONDS:
             self.quick_deaths = 0
         delay = min(RESTART_MIN_SECONDS * 2**self.quick_deaths, RESTART_MAX_SECONDS)
         self.quick_deaths += 1
-        log.warning("run.engine_died", exit_code=code, lived_seconds=round(lived), restart_in_seconds=delay,
-                    job_requeued=released)
-        if not stop.wait(delay):
-            self.start()
-        return code
+        self.restart_at = time.monotonic() + delay
+        log.warning("run.engine_died", engine=self.label, exit_code=code, lived_seconds=round(lived),
+                    restart_in_seconds=delay, job_requeued=released)
 
-    def terminate(self) -> None:
-        if self.process.poll() is not None:
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait_or_kill(self, deadline: float) -> None:
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=ENGINE_STOP_SECONDS)
+            self.process.wait(timeout=max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
-            log.error("run.engine_kill", hint="did not stop in time; its job goes back to the queue")
+            log.error("run.engine_kill", engine=self.label, hint="did not stop in time; its job goes back to the queue")
             self.process.kill()
             self.release_jobs(self.process.wait())
 
@@ -213,7 +267,7 @@ class _Engine:
         Counted as an attempt, as when a lease expires: an image that kills
         the engine must still end as failed after max_attempts.
         """
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        how = self.killed_for or (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
         try:
             return self.store.release_owner(self.owner, f"the engine died while working on it ({how})")
         except StoreUnavailable:

@@ -56,7 +56,7 @@ import structlog
 from fixative.daemon.notify import notify, watchdog_interval
 from fixative.daemon.settings import EX_CONFIG, Settings
 from fixative.daemon.state_disk import RETRY_SECONDS, Pause
-from fixative.daemon.status import STALLED_AFTER_SECONDS
+from fixative.daemon.status import STALLED_AFTER_SECONDS, engine_name
 from fixative.daemon.store import Job, JobStore, StoreUnavailable, file_sha256, open_store
 from fixative.engine.errors import BadImage, EngineError, OutOfMemory  # plain exceptions: no torch
 from fixative.engine.options import EngineOptions
@@ -98,9 +98,10 @@ class _Pulse(threading.Thread):
     shows the same judgement from the beat's ``progress_at``.
     """
 
-    def __init__(self, store: JobStore, settings: Settings, owner: str):
+    def __init__(self, store: JobStore, settings: Settings, owner: str, name: str):
         super().__init__(name="engine-pulse", daemon=True)
-        self.store, self.owner = store, owner
+        self.store, self.owner, self.name = store, owner, name
+        self.device = settings.engine.device
         self.lease = settings.worker.lease_seconds
         self.watchdog = watchdog_interval()  # None unless systemd set WatchdogSec
         self.interval = min(settings.worker.heartbeat_seconds, self.watchdog or float("inf"))
@@ -154,7 +155,7 @@ class _Pulse(threading.Thread):
                 status = f"protecting {job.relative_path} {100 * (self.step or 0) // self.total}%"
         status += f" · {self.store.counts()['queued']} queued"
         progress_at = time.time() if self.loading else self.last_progress
-        self.store.beat("engine", status, progress_at=progress_at)
+        self.store.beat(self.name, status, progress_at=progress_at, device=self.device)
         moving = time.time() - progress_at < STALLED_AFTER_SECONDS
         if not moving:
             log.warning("engine.stalled", seconds=round(time.time() - progress_at), status=status)
@@ -162,13 +163,16 @@ class _Pulse(threading.Thread):
 
 
 class Engine:
-    def __init__(self, settings: Settings, store: JobStore, stop: threading.Event, owner: str | None = None):
+    def __init__(self, settings: Settings, store: JobStore, stop: threading.Event, owner: str | None = None,
+                 label: str | None = None):
         self.settings, self.store, self.stop = settings, store, stop
         # Unique per process start: a restarted engine must not pass the owner
         # guard of jobs its previous life claimed. `fixative run` chooses it, so
         # that it can release this engine's job the moment it sees it die.
         self.owner = owner or new_owner()
-        self.pulse = _Pulse(store, settings, self.owner)
+        # Stable across restarts, unlike the owner: its heartbeat row, and its mark on the jobs it did.
+        self.name = engine_name(label or settings.engine.device)
+        self.pulse = _Pulse(store, settings, self.owner, self.name)
         self.pause_seconds = settings.worker.retry_backoff_seconds
         self.model: Any = None
         self.model_options: dict[str, Any] | None = None  # the MODEL_OPTIONS self.model was loaded with
@@ -177,6 +181,7 @@ class Engine:
         from fixative.daemon.logs import adopt_library_loggers
 
         self.pulse.start()
+        last_words = "stopped"
         try:
             try:
                 self.load(self.settings.engine)
@@ -184,6 +189,7 @@ class Engine:
                 # Missing model, pickle checkpoint, no GPU: a restart cannot fix
                 # it, so exit as a config error and let systemd stop (status 78).
                 log.error("engine.cannot_load_model", error=str(error))
+                last_words = f"stopped: {error}"  # status shows why this engine is not working
                 return EX_CONFIG
             adopt_library_loggers()  # diffusers/transformers installed their own handlers on import
             log.info("engine.ready", device=str(self.model.device), model=self.model.source)
@@ -201,11 +207,11 @@ class Engine:
             self.pulse.wake.set()
             self.pulse.join()
             with contextlib.suppress(StoreUnavailable):  # status then says "dead" a minute later instead
-                self.store.beat("engine", "stopped")
+                self.store.beat(self.name, last_words, device=self.pulse.device)
             notify("STOPPING=1")
 
     def claim_and_handle(self) -> None:
-        job = self.store.claim(self.owner, self.settings.worker.lease_seconds)
+        job = self.store.claim(self.owner, self.settings.worker.lease_seconds, engine=self.name)
         if job is None:
             self.rest(IDLE_POLL_SECONDS, "idle")
             return
@@ -234,7 +240,7 @@ class Engine:
         self.model_options = wanted
 
     def options_for(self, job: Job) -> EngineOptions:
-        """The options ``job`` was queued with; the device is this machine's (it is not in the fingerprint)."""
+        """The options ``job`` was queued with; the device is this engine's (it is not in the fingerprint)."""
         if job.options is None:  # queued before the job table kept options
             return self.settings.engine
         return EngineOptions.model_validate({**job.options, "device": self.settings.engine.device})
@@ -511,10 +517,13 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def run_engine(settings: Settings, stop: threading.Event, owner: str | None = None) -> int:
-    """Run until ``stop`` is set; returns the exit status (0, or EX_CONFIG if the model cannot load)."""
+def run_engine(settings: Settings, stop: threading.Event, owner: str | None = None, label: str | None = None) -> int:
+    """Run until ``stop`` is set; returns the exit status (0, or EX_CONFIG if the model cannot load).
+
+    ``label``: what tells this engine apart on its machine (default: its device); see :func:`engine_name`.
+    """
     store = open_store(settings)
     try:
-        return Engine(settings, store, stop, owner).run()
+        return Engine(settings, store, stop, owner, label).run()
     finally:
         store.close()

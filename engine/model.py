@@ -79,8 +79,11 @@ def pick_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UnsupportedDevice("device 'cuda' was asked for, but torch sees no CUDA GPU (is the CUDA build of torch installed?)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UnsupportedDevice(f"device '{name}' was asked for, but torch sees no CUDA GPU (is the CUDA build of torch installed?)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UnsupportedDevice(f"device '{name}' was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UnsupportedDevice("device 'mps' was asked for, but this machine has no Apple GPU available to torch")
     return torch.device(name)
@@ -249,6 +252,10 @@ def assemble_model(
     from diffusers import DDPMScheduler
 
     device = pick_device(options.device)
+    if device.type == "cuda" and device.index is not None:
+        # One engine per GPU: what takes no device (empty_cache, the bf16 check,
+        # a library's default) must mean this engine's GPU, not cuda:0.
+        torch.cuda.set_device(device)
     vae_dtype, dtype = pick_dtypes(options.dtype, device)
     # Single-file checkpoints arrive in fp32; folders were loaded in the right dtype already.
     vae = vae.to(device=device, dtype=vae_dtype) if vae.dtype != vae_dtype else vae.to(device)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 # Named budgets in 0-255 levels (L-infinity). A budget of s levels bounds PSNR from
 # below by 20*log10(255/s): 36 dB at 4, 30 dB at 8, 24 dB at 16; sign-PGD moves most
@@ -22,7 +22,8 @@ STRENGTH_PRESETS = {"subtle": 4, "balanced": 8, "strong": 16}
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 Mode = Literal["advdm", "mist", "sds", "encoder"]
-Device = Literal["auto", "cpu", "cuda", "mps"]
+# "cuda:1": one GPU of several, for one engine per GPU (the daemon's [engine] devices).
+Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from fixative.daemon.demo import BANNER, LABEL, SAMPLES
+from fixative.daemon.status import engine_name
 from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def test_demo_runs_the_real_daemon_on_samples_and_keeps_dir(tmp_path: Path) -> N
     jobs = store.jobs()
     assert len(jobs) == 3 and {job.state for job in jobs} == {"done"}
     assert all(LABEL in job.metrics["model"] and job.metrics["steps"] == 10 for job in jobs)
-    assert store.processes()["engine"]["status"] == "stopped"  # SIGTERM reached the engine too
+    assert store.processes()[engine_name("cpu")]["status"] == "stopped"  # SIGTERM reached the engine too
     store.close()
 
     # Copies of the samples, byte for byte, and outputs mirrored beside them.

@@ -20,10 +20,12 @@ import pytest
 from PIL import Image
 
 from fixative.daemon.settings import load_settings
+from fixative.daemon.status import engine_name
 from fixative.daemon.store import JobStore
 from conftest import painting
 
 REPO = Path(__file__).resolve().parents[1]
+ENGINE = engine_name("auto")  # the config below names no device
 
 
 @pytest.fixture
@@ -106,7 +108,7 @@ def test_engine_reports_ready_protects_and_obeys_sigterm(daemon_env, systemd) ->
         assert protected.size == (288, 256)
     assert (root / "inbox" / "sub" / "a.png").read_bytes() == original
     assert "not an image" in bad.error
-    assert store.processes()["engine"]["status"] == "stopped"
+    assert store.processes()[ENGINE]["status"] == "stopped"
 
 
 def test_a_job_is_protected_with_the_settings_it_was_queued_with(daemon_env) -> None:
@@ -142,7 +144,7 @@ def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, syst
         originals = {"a.png": save_painting(root / "inbox" / "a.png", seed=2),
                      "sub/b.png": save_painting(root / "inbox" / "sub" / "b.png", seed=3)}
         running = wait_for(lambda: (job := store.running()) and job.progress_step and job, "a job mid-way")
-        victim = store.processes()["engine"]["pid"]
+        victim = store.processes()[ENGINE]["pid"]
         os.kill(victim, signal.SIGKILL)  # the OOM killer, a driver crash...
 
         # The supervisor puts the dead engine's job back at once (before it restarts the engine, 5 s later)...
@@ -156,7 +158,7 @@ def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, syst
 
         # ...and the restarted engine redoes it.
         wait_for(lambda: store.counts()["done"] == 2, "both images protected after the restart")
-        assert store.processes()["engine"]["pid"] != victim
+        assert store.processes()[ENGINE]["pid"] != victim
         assert store.get(running.id).attempts == 2
 
         status = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status", "--json"], env=env, cwd=REPO,
@@ -182,7 +184,7 @@ def test_engine_child_exits_when_run_is_killed(daemon_env, systemd) -> None:
     daemon = start(env, "run")
     try:
         wait_ready(systemd)
-        engine_pid = store.processes()["engine"]["pid"]
+        engine_pid = store.processes()[ENGINE]["pid"]
         daemon.kill()
         daemon.wait(timeout=10)
         wait_for(lambda: not Path(f"/proc/{engine_pid}").exists() or _is_zombie(engine_pid),

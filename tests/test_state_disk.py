@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fixative.daemon.status import engine_name
 from test_daemon_end_to_end import Daemon, png_bytes
 
 
@@ -42,7 +43,7 @@ def test_a_full_state_disk_pauses_the_daemon_until_there_is_space(small_state_di
     daemon = Daemon(tmp_path, tiny_model)
     try:
         daemon.start()
-        daemon.wait_for(lambda: (beat := daemon.beat("engine")) and beat["status"].startswith("idle"),
+        daemon.wait_for(lambda: (beat := daemon.beat(engine_name("cpu"))) and beat["status"].startswith("idle"),
                         "the engine to be ready")
         filler = fill(small_state_disk)
         (daemon.inbox / "a.png").write_bytes(png_bytes(1))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fixative.daemon.lock import EXIT_ALREADY_RUNNING, LOCK_FILE
+from fixative.daemon.status import engine_name
 from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_run_shares_its_lock_with_its_engine_child_and_keeps_others_out(env, tmp
     store = JobStore(tmp_path / "state" / "jobs.db")
     try:
         # The engine child took the inherited lock and loaded the model: it was let in.
-        engine = wait_for(lambda: (beat := store.processes().get("engine")) and beat["status"].startswith("idle")
+        engine = wait_for(lambda: (beat := store.processes().get(engine_name("cpu"))) and beat["status"].startswith("idle")
                           and beat, "the engine child to be ready", daemon, log)
         assert engine["pid"] != daemon.pid
         for command in ("run", "engine"):

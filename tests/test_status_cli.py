@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from fixative.daemon.status import EXIT_DAEMON_DOWN
+from fixative.daemon.status import EXIT_DAEMON_DOWN, engine_name
 from fixative.daemon.store import JobStore
 from fixative.engine.options import EngineOptions
 
 REPO = Path(__file__).resolve().parents[1]
+ENGINE = engine_name("auto")  # the one engine of the default settings
 
 
 @pytest.fixture
@@ -46,13 +47,13 @@ def test_status_reports_progress_failures_and_liveness(env: dict[str, str], tmp_
     for name in ("a.png", "b.png", "bad.png"):
         (tmp_path / "inbox" / name).write_bytes(name.encode())
         store.enqueue(tmp_path / "inbox" / name, EngineOptions(), inbox=tmp_path / "inbox")
-    bad = store.claim("engine", 60)
-    store.fail(bad.id, "engine", "not an image: cannot identify image file", permanent=True)
-    job = store.claim("engine", 60)
+    bad = store.claim("owner", 60, engine=ENGINE)
+    store.fail(bad.id, "owner", "not an image: cannot identify image file", permanent=True)
+    job = store.claim("owner", 60, engine=ENGINE)
     store.backend.execute("UPDATE jobs SET started_at = started_at - 40 WHERE id = :id", {"id": job.id})
-    store.heartbeat(job.id, "engine", 60, step=20, total=100)
+    store.heartbeat(job.id, "owner", 60, step=20, total=100)
     store.beat("watcher", "watching")
-    store.beat("engine", "protecting b.png")
+    store.beat(ENGINE, "protecting b.png", device="auto")
 
     done = fixative(env, "status", "--json")
     assert done.returncode == 0, done.stderr
@@ -66,15 +67,20 @@ def test_status_reports_progress_failures_and_liveness(env: dict[str, str], tmp_
     assert report["failures"] == [{"id": bad.id, "path": str(tmp_path / "inbox" / "a.png"),
                                    "error": "not an image: cannot identify image file", "state": "failed",
                                    "attempts": 1, "at": report["failures"][0]["at"]}]
-    assert report["processes"]["engine"]["alive"] and report["processes"]["watcher"]["alive"]
+    (engine,) = report["engines"]
+    assert engine["alive"] and report["processes"]["watcher"]["alive"]
+    assert (engine["name"], engine["device"], engine["pid"]) == (ENGINE, "auto", os.getpid())
+    assert engine["running"] == running
     assert "throughput_24h" in report
-    assert "b.png 20/100 (20.0%)" in fixative(env, "status").stdout
+    text = fixative(env, "status").stdout.splitlines()
+    assert text[0].startswith("fixative is up: watcher alive (") and ", engine alive (" in text[0]
+    assert any(line.startswith("now: b.png 20/100 (20.0%)") for line in text)  # one engine: as it always read
 
     # The engine stopped heartbeating two minutes ago: the daemon is down.
-    store.backend.execute("UPDATE processes SET beat_at = beat_at - 120 WHERE name = 'engine'", {})
+    store.backend.execute("UPDATE processes SET beat_at = beat_at - 120 WHERE name = :name", {"name": ENGINE})
     done = fixative(env, "status", "--json")
     assert done.returncode == EXIT_DAEMON_DOWN
-    assert json.loads(done.stdout)["processes"]["engine"]["alive"] is False
+    assert json.loads(done.stdout)["engines"][0]["alive"] is False
 
 
 def test_status_shows_the_warnings_of_recent_outputs(env: dict[str, str], tmp_path: Path) -> None:
@@ -82,9 +88,9 @@ def test_status_shows_the_warnings_of_recent_outputs(env: dict[str, str], tmp_pa
     store = JobStore(tmp_path / "state" / "jobs.db")
     (tmp_path / "inbox" / "strip.png").write_bytes(b"strip")
     store.enqueue(tmp_path / "inbox" / "strip.png", EngineOptions(), inbox=tmp_path / "inbox")
-    job = store.claim("engine", 60)
+    job = store.claim("owner", 60)
     warning = "this long image was protected at 1619x81, coarser than the 512 px short side ..."
-    store.finish(job.id, "engine", tmp_path / "export" / "strip.png", {"psnr": 40.0, "warnings": [warning]})
+    store.finish(job.id, "owner", tmp_path / "export" / "strip.png", {"psnr": 40.0, "warnings": [warning]})
     assert f"    warning: {warning}" in fixative(env, "status").stdout.splitlines()
 
 
@@ -101,8 +107,46 @@ def test_status_never_imports_torch(env: dict[str, str], tmp_path: Path) -> None
 def test_a_live_but_stuck_engine_is_reported_stalled(env: dict[str, str], tmp_path: Path) -> None:
     store = JobStore(tmp_path / "state" / "jobs.db")
     store.beat("watcher", "watching")
-    store.beat("engine", "protecting a.png 43%", progress_at=time.time() - 3600)  # hung in the GPU driver
+    store.beat(ENGINE, "protecting a.png 43%", progress_at=time.time() - 3600, device="auto")  # hung in the GPU driver
     done = fixative(env, "status", "--json")
-    engine = json.loads(done.stdout)["processes"]["engine"]
+    (engine,) = json.loads(done.stdout)["engines"]
     assert done.returncode == EXIT_DAEMON_DOWN and engine["alive"] and engine["stalled"]
     assert "STALLED (no progress for 1h00m" in fixative(env, "status").stdout
+
+
+def test_several_engines_each_show_their_job_pid_and_throughput(env: dict[str, str], tmp_path: Path) -> None:
+    env = {**env, "FIXATIVE_ENGINE__DEVICES": '["cuda:0", "cuda:1", "cuda:7"]'}
+    first, second, broken = (engine_name(label) for label in ("cuda:0", "cuda:1", "cuda:7"))
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        (tmp_path / "inbox" / name).write_bytes(name.encode())
+        store.enqueue(tmp_path / "inbox" / name, EngineOptions(), inbox=tmp_path / "inbox")
+    for engine in (first, second, first):  # a and c done by the first engine, b by the second
+        job = store.claim(f"owner of {engine}", 60, engine=engine)
+        store.finish(job.id, f"owner of {engine}", tmp_path / "export" / job.relative_path, {})
+    job = store.claim("owner of the second", 60, engine=second)
+    store.heartbeat(job.id, "owner of the second", 60, step=3, total=10)
+    store.beat("watcher", "watching")
+    store.beat(first, "idle", device="cuda:0")
+    store.beat(second, "protecting d.png 30%", device="cuda:1")
+    store.beat(broken, "stopped: device 'cuda:7' was asked for, but torch sees 2 CUDA GPU(s)", device="cuda:7")
+
+    done = fixative(env, "status", "--json")
+    assert done.returncode == EXIT_DAEMON_DOWN  # not everything works: scripts must notice
+    engines = {engine["name"]: engine for engine in json.loads(done.stdout)["engines"]}
+    assert list(engines) == [first, second, broken]  # in the order of [engine] devices
+    assert [engines[name]["device"] for name in engines] == ["cuda:0", "cuda:1", "cuda:7"]
+    assert engines[first]["throughput_24h"]["done"] == 2 and engines[first]["running"] is None
+    assert engines[second]["throughput_24h"]["done"] == 1
+    assert (engines[second]["running"]["relative_path"], engines[second]["running"]["step"]) == ("d.png", 3)
+    assert engines[first]["pid"] == engines[second]["pid"] == os.getpid()
+    assert not engines[broken]["alive"]
+
+    text = fixative(env, "status").stdout.splitlines()
+    assert text[0].startswith("fixative is DEGRADED (2 of 3 engines working): watcher alive (")
+    assert text[1].startswith(f"  engine cuda:0 (pid {os.getpid()}) alive (") and " · last 24h: 2 done" in text[1]
+    assert text[2].startswith("  engine cuda:1 (pid ") and "protecting d.png 30%" in text[2]
+    assert text[3].startswith("    now: d.png 3/10 (30.0%)")
+    assert text[4].startswith("  engine cuda:7 (pid ") and "stopped (" in text[4]
+    assert "torch sees 2 CUDA GPU(s)" in text[4]
+    assert not any(line.startswith("now:") for line in text)  # each engine's job is on its own line

@@ -18,7 +18,7 @@ import pytest
 
 from fixative.daemon.lock import EXIT_ALREADY_RUNNING
 from fixative.daemon.settings import EX_CONFIG
-from fixative.daemon.status import STALLED_AFTER_SECONDS
+from fixative.daemon.status import STALLED_AFTER_SECONDS, engine_name
 from test_daemon_end_to_end import Daemon
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "fixative.service"
@@ -75,9 +75,17 @@ def test_the_watchdog_is_the_stall_limit() -> None:
     assert float(unit_service()["WatchdogSec"]) == STALLED_AFTER_SECONDS
 
 
-def test_a_hung_engine_stops_the_watchdog_pings_at_once(tmp_path: Path, tiny_model: Path) -> None:
-    """`fixative run` under a fake systemd: pings flow while the engine moves, and stop when it hangs."""
-    watchdog_seconds = 4.0
+def test_a_hung_engine_is_restarted_alone_and_the_watchdog_keeps_the_healthy_one(tmp_path: Path,
+                                                                                 tiny_model: Path) -> None:
+    """`fixative run` with two engines under a fake systemd: one hangs.
+
+    The supervisor kills and restarts the hung one once it has not moved for the
+    stall limit (WatchdogSec, shortened here), and keeps pinging the watchdog
+    meanwhile: a restart of the whole service would take the healthy engine down
+    too. Pings for time alone would hide the hang; here the hung engine is gone
+    by the time the limit has passed.
+    """
+    watchdog_seconds = 8.0
     folder = tempfile.mkdtemp(prefix="fx-", dir="/tmp")  # a socket path must fit in 108 bytes
     address = os.path.join(folder, "notify")
     pings: list[float] = []
@@ -100,19 +108,24 @@ def test_a_hung_engine_stops_the_watchdog_pings_at_once(tmp_path: Path, tiny_mod
         thread = threading.Thread(target=listen, daemon=True)
         thread.start()
         daemon = Daemon(tmp_path, tiny_model, NOTIFY_SOCKET=address, WATCHDOG_USEC=str(int(watchdog_seconds * 1e6)))
+        daemon.config.write_text(daemon.config.read_text() + 'devices = ["cpu", "cpu"]\n')  # [engine] is the last table
+        hung, healthy = engine_name("cpu"), engine_name("cpu#2")
         try:
             daemon.start()
-            engine = daemon.wait_for(lambda: (beat := daemon.beat("engine")) and beat["status"].startswith("idle")
-                                     and beat, "the engine to be ready")
-            daemon.wait_for(lambda: len(pings) >= 3, "watchdog pings while the engine idles")
-            os.kill(engine["pid"], signal.SIGSTOP)  # hung: no step, no heartbeat
+            beats = {name: daemon.wait_for(lambda name=name: (beat := daemon.beat(name))
+                                           and beat["status"].startswith("idle") and beat, f"{name} to be ready")
+                     for name in (hung, healthy)}
+            daemon.wait_for(lambda: len(pings) >= 2, "watchdog pings while the engines idle")
+            os.kill(beats[hung]["pid"], signal.SIGSTOP)  # hung: no step, no heartbeat
             hung_at = time.monotonic()
-            time.sleep(3 * watchdog_seconds)
-            # systemd fires WatchdogSec after the last ping: that must be about WatchdogSec after the
-            # hang (a heartbeat and a tick of slack), not after the stall limit on top of it.
-            assert pings[-1] < hung_at + 2.0, (pings[-1] - hung_at, messages[-5:])
-            os.kill(engine["pid"], signal.SIGCONT)
-            daemon.wait_for(lambda: pings[-1] > hung_at + 3 * watchdog_seconds, "the pings to resume")
+            daemon.wait_for(lambda: (beat := daemon.beat(hung)) and beat["pid"] != beats[hung]["pid"]
+                            and beat["status"].startswith("idle"), "the hung engine to be restarted")
+            assert time.monotonic() - hung_at > watchdog_seconds  # not before the stall limit
+            assert daemon.beat(healthy)["pid"] == beats[healthy]["pid"]  # the healthy one was left alone
+            # systemd fires WatchdogSec after the last ping: no gap that long, the hang included.
+            gaps = [later - earlier for earlier, later in zip(pings, pings[1:]) if later > hung_at]
+            assert gaps and max(gaps) < watchdog_seconds, (gaps, messages[-5:])
+            assert "run.engine_stalled" in daemon.log.read_text()
             assert daemon.stop() == 0
         finally:
             done.set()

@@ -1,0 +1,131 @@
+"""Several engines under one ``fixative run``: ``[engine] devices = ["cpu", "cpu"]`` on the tiny model.
+
+Real processes and signals: ``fixative run`` with two engine children, each
+with its own owner id, leases and heartbeat row; kill -9 of a child; ``status``
+as a subprocess. The same device twice is how two engines run on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fixative.daemon.status import engine_name
+from test_daemon_end_to_end import REPO, Daemon, png_bytes
+
+FIRST, SECOND = engine_name("cpu"), engine_name("cpu#2")
+
+
+@pytest.fixture
+def two_engines(tmp_path: Path, tiny_model: Path):
+    def make(**env: str) -> Daemon:
+        daemon = Daemon(tmp_path, tiny_model, **env)
+        daemon.config.write_text(daemon.config.read_text() + 'devices = ["cpu", "cpu"]\n')  # [engine] is the last table
+        made.append(daemon)
+        return daemon
+
+    made: list[Daemon] = []
+    yield make
+    for daemon in made:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+        daemon.store.close()
+
+
+def drop(daemon: Daemon, count: int, side: int) -> None:
+    for n in range(count):
+        (daemon.inbox / f"{n:02d}.png").write_bytes(png_bytes(100 + n, side, side))
+
+
+def events(daemon: Daemon, name: str) -> list[dict]:
+    """The daemon's log events called ``name`` (the log is JSON lines: stderr is no terminal)."""
+    logged = (json.loads(line) for line in daemon.log.read_text().splitlines() if line.startswith("{"))
+    return [event for event in logged if event.get("event") == name]
+
+
+def assert_each_done_once(daemon: Daemon, count: int) -> None:
+    jobs = daemon.store.jobs(limit=1000)
+    assert sorted(Path(job.source_path).name for job in jobs) == [f"{n:02d}.png" for n in range(count)]
+    assert {job.state for job in jobs} == {"done"}
+    assert Counter(e["job_id"] for e in events(daemon, "job.done")) == {job.id: 1 for job in jobs}  # once, by one engine
+    assert daemon.outputs() == [f"{n:02d}.png" for n in range(count)]  # one file each, no -2, no temp file
+
+
+def test_two_engines_drain_a_queue_each_image_once_and_status_shows_both(two_engines) -> None:
+    daemon = two_engines(FIXATIVE_ENGINE__STEPS="2")
+    drop(daemon, 20, side=256)
+    daemon.start()
+    daemon.wait_for(lambda: daemon.finished(20), "the 20 images")
+
+    assert_each_done_once(daemon, 20)
+    jobs = daemon.store.jobs(limit=1000)
+    assert all(job.attempts == 1 for job in jobs)
+    by_engine = Counter(job.engine for job in jobs)
+    assert set(by_engine) == {FIRST, SECOND}, by_engine  # both did work, and nobody else
+
+    report = daemon.status()
+    assert report["up"] is True
+    engines = {engine["name"]: engine for engine in report["engines"]}
+    assert list(engines) == [FIRST, SECOND]
+    assert {engines[name]["throughput_24h"]["done"] for name in engines} == set(by_engine.values())
+    assert all(engine["alive"] and engine["device"] == "cpu" and engine["throughput_24h"]["mean_seconds"] > 0
+               for engine in engines.values())
+    pids = {engine["pid"] for engine in engines.values()}
+    assert len(pids) == 2 and daemon.process.pid not in pids  # two children, not the supervisor
+    text = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status"], env=daemon.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert text[0].startswith("fixative is up: watcher alive (") and text[0].endswith(", 2 engines")
+    for line, name in zip(text[1:3], (FIRST, SECOND)):
+        label = name.split("@")[0]
+        assert line.startswith(f"  {label} (pid {engines[name]['pid']}) alive (")
+        assert f" · last 24h: {by_engine[name]} done, " in line
+
+    assert daemon.stop() == 0
+    assert all(daemon.store.processes()[name]["status"] == "stopped" for name in (FIRST, SECOND))
+
+
+def test_kill_9_of_one_engine_restarts_it_alone_and_releases_only_its_job_at_once(two_engines) -> None:
+    # The default 300 s lease: only a release by the supervisor can put a dead
+    # engine's job back within seconds. (Jobs take seconds, most of it the report's figures.)
+    daemon = two_engines(FIXATIVE_WORKER__LEASE_SECONDS="300")
+    drop(daemon, 4, side=256)
+    daemon.start()
+
+    def busy(name: str):
+        return next((job for job in daemon.store.running_jobs() if job.engine == name and job.progress_step), None)
+
+    def pid(name: str) -> int | None:
+        beat = daemon.beat(name)
+        return beat["pid"] if beat else None
+
+    daemon.wait_for(lambda: busy(FIRST) and busy(SECOND), "both engines mid-job")
+    first_job, second_job = busy(FIRST), busy(SECOND)
+    victim, survivor = pid(FIRST), pid(SECOND)
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_for(lambda: daemon.store.get(first_job.id).state == "queued", "the dead engine's job back", timeout=5)
+    assert "the engine died while working on it (killed by SIGKILL)" in daemon.store.get(first_job.id).error
+    # The other engine's job is its own: not released with the dead one's.
+    second_now = daemon.store.get(second_job.id)
+    assert second_now.state in ("running", "done") and second_now.attempts == 1
+
+    # While the first waits out its restart backoff, the second dies too: its job must
+    # come back at once, not once the first's backoff is over (one loop supervises both).
+    job = daemon.wait_for(lambda: busy(SECOND), "the second engine mid-job again", timeout=5)
+    os.kill(survivor, signal.SIGKILL)
+    daemon.wait_for(lambda: daemon.store.get(job.id).state == "queued", "the second engine's job back", timeout=5)
+    assert [e["engine"] for e in events(daemon, "run.engine_started")].count("cpu") == 1  # the first still waits
+
+    daemon.wait_for(lambda: daemon.finished(4), "every image, after both restarts")
+    assert pid(FIRST) not in (None, victim) and pid(SECOND) not in (None, survivor)
+    assert_each_done_once(daemon, 4)
+    attempts = {job.id: job.attempts for job in daemon.store.jobs()}
+    assert attempts == {j: 2 if j in (first_job.id, job.id) else 1 for j in attempts}  # killed twice, each counted
+    assert daemon.stop() == 0
