@@ -131,6 +131,29 @@ def test_a_job_is_protected_with_the_settings_it_was_queued_with(daemon_env) -> 
     assert (report["steps"], report["strength"]) == (4, 8)  # as queued: the fingerprint describes the output
 
 
+def test_engine_on_a_chosen_device_protects_every_job_there(daemon_env) -> None:
+    """`fixative engine --device`, as a second machine or a second GPU runs it: jobs carry the device of their
+    queueing, and the engine's own wins (the device is not in the fingerprint)."""
+    env, root = daemon_env
+    config = root / "config.toml"
+    config.write_text(config.read_text() + 'device = "cuda"\n')  # [engine] is the last table
+    save_painting(root / "inbox" / "a.png", seed=5)
+    store = JobStore(root / "state" / "jobs.db")
+    job = store.enqueue(root / "inbox" / "a.png", load_settings(config).engine, inbox=root / "inbox")
+    assert job.options["device"] == "cuda"
+    engine = subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "engine", "--device", "cpu"], env=env, cwd=REPO)
+    try:
+        wait_for(lambda: store.get(job.id).state in ("done", "failed") or engine.poll() is not None, "the job")
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=60) == 0
+    finally:
+        engine.kill()
+    done = store.get(job.id)
+    assert done.state == "done", done.error
+    assert done.metrics["device"] == "cpu" and done.engine == engine_name("cpu")
+    assert store.processes()[engine_name("cpu")]["device"] == "cpu"
+
+
 def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, systemd) -> None:
     env, root = daemon_env
     # Long enough jobs (a few seconds) to be caught mid-way: progress reaches

@@ -26,9 +26,10 @@ FIRST, SECOND = engine_name("cpu"), engine_name("cpu#2")
 
 @pytest.fixture
 def two_engines(tmp_path: Path, tiny_model: Path):
-    def make(**env: str) -> Daemon:
+    def make(devices: tuple[str, str] = ("cpu", "cpu"), **env: str) -> Daemon:
         daemon = Daemon(tmp_path, tiny_model, **env)
-        daemon.config.write_text(daemon.config.read_text() + 'devices = ["cpu", "cpu"]\n')  # [engine] is the last table
+        listed = ", ".join(f'"{device}"' for device in devices)
+        daemon.config.write_text(daemon.config.read_text() + f"devices = [{listed}]\n")  # [engine] is the last table
         made.append(daemon)
         return daemon
 
@@ -131,4 +132,27 @@ def test_kill_9_of_one_engine_restarts_it_alone_and_releases_only_its_job_at_onc
     assert_each_done_once(daemon, 4)
     attempts = {job.id: job.attempts for job in daemon.store.jobs()}
     assert attempts == {j: 2 if j in (first_job.id, job.id) else 1 for j in attempts}  # killed twice, each counted
+    assert daemon.stop() == 0
+
+
+def test_an_engine_whose_device_does_not_exist_stops_alone_and_says_why(two_engines) -> None:
+    """EX_CONFIG from one child: restarting it cannot help, and the other engine must keep working."""
+    daemon = two_engines(("cpu", "cuda:5"))
+    daemon.start()
+    (daemon.inbox / "a.png").write_bytes(png_bytes(7))
+    daemon.wait_for(lambda: daemon.finished(1), "the image, by the engine that works")
+    daemon.wait_for(lambda: events(daemon, "run.engine_config_error"), "the broken engine to stop")
+    assert daemon.process.poll() is None  # run goes on
+    assert [e["engine"] for e in events(daemon, "run.engine_config_error")] == ["cuda:5"]
+    assert [e["engine"] for e in events(daemon, "run.engine_started")].count("cuda:5") == 1  # not restarted
+
+    report = daemon.status()
+    working, broken = report["engines"]
+    assert working["alive"] and working["throughput_24h"]["done"] == 1
+    assert not broken["alive"] and broken["status"].startswith("stopped: device 'cuda:5' was asked for, but")
+    assert report["up"] is False
+    text = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status"], env=daemon.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert text.startswith("fixative is DEGRADED (1 of 2 engines working)")
+    assert "  engine cuda:5 (pid " in text and "stopped (" in text
     assert daemon.stop() == 0
