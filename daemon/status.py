@@ -27,9 +27,8 @@ from fixative.daemon.store import STATES, Job, StoreUnavailable, describe_store,
 ALIVE_WITHIN_SECONDS = 60.0
 # A live process whose loop has not moved for this long is stuck (a hung GPU
 # driver). The same figure as the unit's WatchdogSec (tests/test_systemd_unit.py
-# checks it): `fixative run` pings the watchdog only when the engine has moved
-# since the last ping, so systemd restarts a hung engine at the moment status
-# starts to call it STALLED. Long enough for the longest silence measured in a
+# checks it): `fixative run` kills and restarts an engine stalled this long, at
+# the moment status starts to call it STALLED (daemon.supervisor). Long enough for the longest silence measured in a
 # healthy engine, on 2 CPU cores (bench/README.md, 768x512): 21 s per step, and
 # 268 s for the first step plus the report's figures, which report no progress.
 STALLED_AFTER_SECONDS = 600.0
