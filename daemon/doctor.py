@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from fixative.daemon.settings import Settings
 
@@ -41,7 +42,8 @@ def run_checks(settings: Settings) -> list[tuple[str, str]]:
 def _engine_checks(settings: Settings) -> list[tuple[str, str]]:
     try:
         child = subprocess.run(
-            [sys.executable, "-c", "from fixative.daemon.doctor import probe; probe()", settings.engine.model_dump_json()],
+            [sys.executable, "-c", "from fixative.daemon.doctor import probe; probe()", settings.engine.model_dump_json(),
+             json.dumps(settings.devices)],
             capture_output=True, text=True, timeout=PROBE_TIMEOUT_SECONDS,
         )
     except subprocess.TimeoutExpired:
@@ -51,12 +53,14 @@ def _engine_checks(settings: Settings) -> list[tuple[str, str]]:
         return [(FAIL, f"the engine cannot start in this Python: {last}")]
     found = json.loads(child.stdout)
     results = [(OK, f"torch {found['torch']}")]
-    if "device_error" in found:
-        results.append((FAIL, f"device: {found['device_error']}"))
-    elif found["device"] == "cpu":
-        results.append((WARN, f"device: cpu. It works, but {CPU_SPEED}; a CUDA GPU is far faster"))
-    else:
-        results.append((OK, f"device: {found['device']} {found.get('device_name', '')}".rstrip()))
+    for device, seen in found["devices"].items():  # one engine per device under `fixative run`
+        key = "device" if len(found["devices"]) == 1 else f"device {device}"
+        if "error" in seen:
+            results.append((FAIL, f"{key}: {seen['error']}"))
+        elif seen["type"] == "cpu":
+            results.append((WARN, f"{key}: cpu. It works, but {CPU_SPEED}; a CUDA GPU is far faster"))
+        else:
+            results.append((OK, f"{key}: {seen['type']} {seen.get('name', '')}".rstrip()))
     if "model_error" in found:
         results.append((FAIL, f"model: {found['model_error']}"))
     else:
@@ -65,7 +69,7 @@ def _engine_checks(settings: Settings) -> list[tuple[str, str]]:
 
 
 def probe() -> None:
-    """Run in a child Python: report torch, the device and the model location as JSON on stdout."""
+    """Run in a child Python: report torch, each device (argv[2]) and the model location as JSON on stdout."""
     import torch
 
     from fixative.engine.errors import EngineError
@@ -73,16 +77,18 @@ def probe() -> None:
     from fixative.engine.options import EngineOptions
 
     options = EngineOptions.model_validate_json(sys.argv[1])
-    found: dict[str, str] = {"torch": torch.__version__}
-    try:
-        device = pick_device(options.device)
-        pick_dtypes(options.dtype, device)
-        found["device"] = device.type
-        if device.type == "cuda":
-            props = torch.cuda.get_device_properties(device)
-            found["device_name"] = f"({props.name}, {props.total_memory / 2**30:.0f} GiB)"
-    except EngineError as error:
-        found["device_error"] = str(error)
+    found: dict[str, Any] = {"torch": torch.__version__, "devices": {}}
+    for name in json.loads(sys.argv[2]):
+        seen = found["devices"][name] = {}
+        try:
+            device = pick_device(name)
+            pick_dtypes(options.dtype, device)
+            seen["type"] = device.type
+            if device.type == "cuda":
+                props = torch.cuda.get_device_properties(device)
+                seen["name"] = f"({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+        except EngineError as error:
+            seen["error"] = str(error)
     try:
         found["model_path"] = str(resolve_model_folder(options.model))
     except EngineError as error:

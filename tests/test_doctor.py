@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fixative.daemon.doctor import CPU_SPEED, FAIL, OK, _folder_checks
+from fixative.daemon.doctor import CPU_SPEED, FAIL, OK, WARN, _engine_checks, _folder_checks
 from fixative.daemon.settings import Settings
 from fixative.daemon.watcher import WatcherConfigError, run_watcher
 
@@ -40,3 +40,13 @@ def test_the_cpu_speed_agrees_with_the_readme() -> None:
     # bench/README.md: sds at 512x512 on 2 cores, 1525 s per image. The README says "tens of minutes".
     assert "tens of minutes" in CPU_SPEED and "one 512² image takes tens of minutes" in " ".join(README.split())
     assert "hour" not in CPU_SPEED
+
+
+def test_each_engine_device_is_checked(tmp_path: Path) -> None:
+    """[engine] devices: doctor checks every device an engine will run on, not only [engine] device."""
+    devices = Settings(inbox=tmp_path / "inbox", state_dir=tmp_path / "state", engine={"devices": ["cpu", "cuda:7"]})
+    checks = dict((line.split(": ")[0], (level, line)) for level, line in _engine_checks(devices))
+    assert checks["device cpu"][0] == WARN and CPU_SPEED in checks["device cpu"][1]
+    level, line = checks["device cuda:7"]
+    # No GPU here, or fewer than eight: either way the engine on cuda:7 could not start.
+    assert level == FAIL and "device 'cuda:7' was asked for, but torch sees" in line
