@@ -378,6 +378,14 @@ def print_speed_table(results: dict, scale: str) -> None:
                 f"{'/'.join(map(str, measured))} measured step(s) per process after a warm-up step "
                 "(modes: the overhead includes that first step; reference: its warm-up step is excluded)"
             )
+        for what, figures in row.items():
+            if figures.get("coarse_steps_per_image"):
+                coarse, steps = figures["coarse_steps_per_image"], figures["steps_per_image"]
+                say(
+                    f"  {what}: s/step is the mean over an image's {steps} steps, coarse to fine: {coarse} at half the "
+                    f"working side, {figures['seconds_per_coarse_step']:.4f} s each, then {steps - coarse} at the working "
+                    f"size, {figures['seconds_per_fine_step']:.4f} s each (each stage timed after its own warm-up step)"
+                )
         mode_rows = [f for w, f in row.items() if w != "reference" and "error" not in f]
         if mode_rows:
             working = {tuple(f["working_size"]) for f in mode_rows if f.get("working_size")}

@@ -51,9 +51,9 @@ APGD_RHO = 0.75
 
 def _start(x_work, eps, generator):
     """The engine's random start (same draw, so every rule starts where the engine does)."""
-    import torch
+    from fixative.engine.pgd import random_start
 
-    return (torch.rand(x_work.shape, generator=generator, device=x_work.device) * 2 - 1) * eps
+    return random_start(x_work, eps, generator)
 
 
 def _gradient(attack, x_work, delta, geometry, transform, generator):
@@ -136,6 +136,53 @@ def rule(name: str):
     }[name]
 
 
+def tiny_engine_model():
+    """The tests' tiny trained model, loaded as the engine loads it (fp32, one thread): (model, folder)."""
+    import torch
+
+    from fixative.engine.model import load_model
+    from fixative.engine.options import EngineOptions
+    from run import tiny_model
+
+    torch.set_num_threads(1)
+    folder, _ = tiny_model(threads=1)
+    return load_model(EngineOptions(model=str(folder), device="cpu", dtype="fp32")), folder
+
+
+def gain_runs(model, label: str, options: dict, seeds: int, started: float, loop=None, **constants) -> list[dict]:
+    """Protect every test image with each seed; the report's gain before and after JPEG q75, per run.
+
+    ``loop`` replaces the engine's PGD loop, and ``constants`` (``MOMENTUM=0.0``)
+    those of ``fixative.engine.pgd``, for these runs only.
+    """
+    import fixative.engine.pgd
+    import fixative.engine.protect
+    from fixative.engine.options import EngineOptions
+
+    engines = fixative.engine.protect.run_pgd, {name: getattr(fixative.engine.pgd, name) for name in constants}
+    fixative.engine.protect.run_pgd = loop or engines[0]
+    for name, value in constants.items():
+        setattr(fixative.engine.pgd, name, value)
+    runs = []
+    try:
+        for seed in range(seeds):
+            for family, image_seed, side in IMAGES:
+                settings = EngineOptions(device="cpu", dtype="fp32", seed=seed, **options)
+                report = fixative.engine.protect.protect_image(test_image(family, image_seed, side), model, settings).report
+                runs.append({"image": f"{family}{image_seed}@{side}", "seed": seed,
+                             "gain": report["protection_gain"],
+                             "jpeg75": report["survival"]["jpeg75"]["protection_gain"],
+                             "psnr": report["psnr"], "seconds_per_step": report["seconds_per_step"]})
+                print(f"[{time.perf_counter() - started:6.0f} s] {label} seed {seed} "
+                      f"{runs[-1]['image']}: gain {runs[-1]['gain']:.4f}, after jpeg75 {runs[-1]['jpeg75']:.4f}",
+                      flush=True)
+    finally:
+        fixative.engine.protect.run_pgd = engines[0]
+        for name, value in engines[1].items():
+            setattr(fixative.engine.pgd, name, value)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -147,56 +194,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    import torch
-
-    import fixative.engine.pgd
-    import fixative.engine.protect
-    from fixative.engine.model import load_model
-    from fixative.engine.options import EngineOptions
-    from run import tiny_model
-
-    torch.set_num_threads(1)
-    folder, _ = tiny_model(threads=1)
-    model = load_model(EngineOptions(model=str(folder), device="cpu", dtype="fp32"))
-    engines_loop, engines_momentum = fixative.engine.protect.run_pgd, fixative.engine.pgd.MOMENTUM
+    model, folder = tiny_engine_model()
     rows: dict[tuple[str, int], list[dict]] = {}
     started = time.perf_counter()
     for name in args.rules.split(","):
+        loop, momentum = rule(name)
         for steps in map(int, args.steps.split(",")):
-            runs = rows.setdefault((name, steps), [])
-            # The one thing that differs between rows.
-            fixative.engine.protect.run_pgd, fixative.engine.pgd.MOMENTUM = rule(name)
-            try:
-                for seed in range(args.seeds):
-                    for family, image_seed, side in IMAGES:
-                        options = EngineOptions(model=str(folder), device="cpu", dtype="fp32", seed=seed, steps=steps,
-                                                mode=args.mode, robust=args.robust, strength=args.strength)
-                        report = fixative.engine.protect.protect_image(test_image(family, image_seed, side), model, options).report
-                        runs.append({"image": f"{family}{image_seed}@{side}", "seed": seed,
-                                     "gain": report["protection_gain"],
-                                     "jpeg75": report["survival"]["jpeg75"]["protection_gain"],
-                                     "psnr": report["psnr"], "seconds_per_step": report["seconds_per_step"]})
-                        print(f"[{time.perf_counter() - started:6.0f} s] {name} {steps} steps seed {seed} "
-                              f"{runs[-1]['image']}: gain {runs[-1]['gain']:.4f}, after jpeg75 {runs[-1]['jpeg75']:.4f}",
-                              flush=True)
-            finally:
-                fixative.engine.protect.run_pgd, fixative.engine.pgd.MOMENTUM = engines_loop, engines_momentum
+            # Coarse to fine off: each rule is the whole loop, at the working size, as when this table was made.
+            options = dict(model=str(folder), steps=steps, mode=args.mode, robust=args.robust, strength=args.strength,
+                           coarse_to_fine=False)
+            rows[(name, steps)] = gain_runs(model, f"{name} {steps} steps", options, args.seeds, started, loop, MOMENTUM=momentum)
     print_table(rows, f"mode {args.mode}, robust {'on' if args.robust else 'off'}, strength {args.strength}, {args.seeds} seeds")
     if args.json:
         args.json.write_text(json.dumps([{"rule": r, "steps": s, "runs": runs} for (r, s), runs in rows.items()], indent=2))
     return 0
 
 
-def print_table(rows: dict[tuple[str, int], list[dict]], title: str) -> None:
+def print_table(rows: dict[tuple, list[dict]], title: str, columns: tuple[str, ...] = ("rule", "steps")) -> None:
     """Gains as (gain - 1) x 1000 (the effect is a fraction of a percent), mean ± s.e. over seeds x images."""
     print(f"\nProtection gain - 1, x 1000, mean ± s.e. over seeds x images ({title}):\n")
-    print("| rule | steps | PNG | after JPEG q75 | PSNR dB |")
-    print("|---|---|---|---|---|")
-    for (name, steps), runs in rows.items():
+    print("| " + " | ".join(columns) + " | PNG | after JPEG q75 | PSNR dB |")
+    print("|---" * (len(columns) + 3) + "|")
+    for key, runs in rows.items():
         png = mean_se([1000 * (r["gain"] - 1) for r in runs])
         jpeg = mean_se([1000 * (r["jpeg75"] - 1) for r in runs])
         psnr = sum(r["psnr"] for r in runs) / len(runs)
-        print(f"| {name} | {steps} | {png[0]:.2f} ± {png[1]:.2f} | {jpeg[0]:.2f} ± {jpeg[1]:.2f} | {psnr:.1f} |")
+        print("| " + " | ".join(map(str, key)) + f" | {png[0]:.2f} ± {png[1]:.2f} | {jpeg[0]:.2f} ± {jpeg[1]:.2f} | {psnr:.1f} |")
 
 
 if __name__ == "__main__":

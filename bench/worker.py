@@ -345,6 +345,14 @@ def reference_job(spec: dict) -> dict:
     return result
 
 
+def _stage_rate(marks: list[tuple[int, float, float]]) -> tuple[float, float, int] | None:
+    """(s/step, CPU s/step, steps timed) between a stage's first and last progress marks; None under two marks."""
+    if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+        return None
+    (s0, t0, c0), (s1, t1, c1) = marks[0], marks[-1]
+    return (t1 - t0) / (s1 - s0), (c1 - c0) / (s1 - s0), s1 - s0
+
+
 def _protect_timed(protect_image, source, model, options, label: str, verbose: bool) -> dict:
     """Run protect_image once and time it.
 
@@ -352,7 +360,11 @@ def _protect_timed(protect_image, source, model, options, label: str, verbose: b
     everything before the first callback (setup, and step 1, which warms the
     caches and the allocator). The callback fires at most twice a second, so at
     tiny scale the marks are a few steps apart; at full scale every step is
-    longer than that and each one is marked.
+    longer than that and each one is marked. With coarse to fine
+    (engine.pgd.coarse_steps, named in the report), the steps at half the
+    working side and those at the working size are timed apart, each from its
+    own marks, when each stage has two; the first mark of each stage is then a
+    warm-up (the fine stage's first step meets the working size cold).
     """
     import torch
 
@@ -370,23 +382,52 @@ def _protect_timed(protect_image, source, model, options, label: str, verbose: b
 
     protected = protect_image(source, model, options, progress)
     wall = time.perf_counter() - begin
-    if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
-        (s0, t0, c0), (s1, t1, c1) = marks[0], marks[-1]
-        per_step, cpu_per_step, timed = (t1 - t0) / (s1 - s0), (c1 - c0) / (s1 - s0), s1 - s0
-        source_of = f"progress timestamps, steps {s0 + 1}..{s1}"
+    coarse = protected.report.get("coarse_steps", 0)
+    stages = {
+        "coarse": _stage_rate([m for m in marks if m[0] <= coarse]),
+        "fine": _stage_rate([m for m in marks if m[0] > coarse]),
+    }
+    whole = _stage_rate(marks)
+    if coarse and stages["coarse"] and stages["fine"]:
+        per_step = {name: rate[0] for name, rate in stages.items()}
+        cpu = sum(rate[1] * rate[2] for rate in stages.values()) / sum(rate[2] for rate in stages.values())
+        timed = sum(rate[2] for rate in stages.values())
+        source_of = f"progress timestamps, per stage: {stages['coarse'][2]} coarse and {stages['fine'][2]} fine step(s)"
+    elif whole:
+        per_step, cpu, timed = {"coarse": whole[0], "fine": whole[0]}, whole[1], whole[2]
+        source_of = f"progress timestamps, steps {marks[0][0] + 1}..{marks[-1][0]}"
     else:
-        per_step, cpu_per_step, timed = float(protected.report["seconds_per_step"]), None, options.steps
+        rate = float(protected.report["seconds_per_step"])
+        per_step, cpu, timed = {"coarse": rate, "fine": rate}, None, options.steps
         source_of = "engine report (pgd seconds / steps, first step included)"
+    run_seconds = coarse * per_step["coarse"] + (options.steps - coarse) * per_step["fine"]
     return {
         "protected": protected,
         "wall": wall,
-        "seconds_per_step": per_step,
-        "cpu_seconds_per_step": cpu_per_step,
+        "seconds_per_step": run_seconds / options.steps,
+        "seconds_per_coarse_step": per_step["coarse"] if coarse else None,
+        "seconds_per_fine_step": per_step["fine"],
+        "cpu_seconds_per_step": cpu,
         "timed_steps": timed,
-        "overhead": max(0.0, wall - options.steps * per_step),
+        "overhead": max(0.0, wall - run_seconds),
         "seconds_per_step_from": source_of,
         "peak_bytes_through_pgd": pgd_peak[-1] if pgd_peak else None,
     }
+
+
+def timed_run_steps(measured: int, options) -> int:
+    """Steps in a full-scale timed run: 1 + ``measured`` in each stage, the first of each being its warm-up."""
+    from fixative.engine.pgd import coarse_steps
+
+    def stages(steps: int) -> tuple[int, int]:
+        coarse = coarse_steps(options.model_copy(update={"steps": steps}))
+        return coarse, steps - coarse
+
+    steps = 1 + measured
+    if coarse_steps(options):
+        while min(stages(steps)) < 1 + measured:
+            steps += 1
+    return steps
 
 
 def mode_job(spec: dict) -> dict:
@@ -430,7 +471,7 @@ def mode_job(spec: dict) -> dict:
     if spec.get("warmup_call"):
         # Cheap at tiny scale: one whole 1-step image, so the measured runs start warm.
         protect_image(source, model, EngineOptions(**{**settings, "steps": 1}))
-    steps = options.steps if full_run else 1 + measured
+    steps = options.steps if full_run else timed_run_steps(measured, options)
     seeds = spec.get("seeds") or [options.seed]
     runs = [
         _protect_timed(protect_image, source, model, EngineOptions(**{**settings, "steps": steps, "seed": seed}), label, not full_run)
@@ -441,8 +482,13 @@ def mode_job(spec: dict) -> dict:
         values = [r[key] for r in runs]
         return None if None in values else sum(values) / len(values)
 
-    seconds_per_step, overhead = mean("seconds_per_step"), mean("overhead")
-    extrapolated = overhead + options.steps * seconds_per_step
+    from fixative.engine.pgd import coarse_steps
+
+    overhead, coarse = mean("overhead"), coarse_steps(options)
+    fine_rate, coarse_rate = mean("seconds_per_fine_step"), (mean("seconds_per_coarse_step") if coarse else 0.0)
+    extrapolated = overhead + coarse * coarse_rate + (options.steps - coarse) * fine_rate
+    # Per step of a whole image: with coarse to fine, the mean over both stages at the default steps.
+    seconds_per_step = (extrapolated - overhead) / options.steps
     report = runs[0]["protected"].report
     result = {
         "kind": "mode",
@@ -464,6 +510,9 @@ def mode_job(spec: dict) -> dict:
         "strength": options.strength,
         "step_size": options.step_size,
         "seconds_per_step": seconds_per_step,
+        "coarse_steps_per_image": coarse,
+        "seconds_per_coarse_step": coarse_rate if coarse else None,
+        "seconds_per_fine_step": fine_rate,
         "seconds_per_step_from": runs[0]["seconds_per_step_from"],
         "cpu_seconds_per_step": mean("cpu_seconds_per_step"),
         "overhead_seconds": overhead,

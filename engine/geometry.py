@@ -70,6 +70,17 @@ class Geometry:
         padded = tuple(math.ceil(side / multiple) * multiple for side in work)
         return cls(full=(height, width), work=work, padded=padded)
 
+    def halved(self, multiple: int) -> "Geometry":
+        """The coarse stage's geometry: half the working side, with this geometry's working size as its 'full' size.
+
+        So ``halved.down`` takes the working image to half its side, ``halved.seen``
+        is what a model working at that size would see of a perturbation carried
+        up to the working size and back, and ``halved.up`` carries the coarse
+        perturbation to the working size (bilinear: it stays in the ball).
+        """
+        work = tuple(max(1, round(side / 2)) for side in self.work)
+        return Geometry(full=self.work, work=work, padded=tuple(math.ceil(side / multiple) * multiple for side in work))
+
     @property
     def resized(self) -> bool:
         return self.work != self.full

@@ -14,6 +14,14 @@ publishing pipeline and one random (t, noise) pair, so a single step's sign is
 noisy; the sum averages the draws. On the tiny model, 25 steps with momentum
 left more protection after Pillow's JPEG q75 than 100 fixed sign steps did;
 step-size schedules and Auto-PGD did not (bench/README.md, "Step schedule").
+
+Coarse to fine: the first COARSE_SHARE of the steps run at half the working
+side (``Geometry.halved``), where a step costs about a quarter as much (the
+encoder's and the UNet's work fall with the pixel count); the perturbation is
+then carried up to the working size and refined there. This is the
+multi-scale warm start of image-pyramid optimisation; here it also puts the
+first steps' work into coarse detail, which the publishing pipeline's
+downscale and JPEG keep. engine.protect runs the two stages.
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ from typing import Callable, Protocol
 import torch
 
 from fixative.engine.geometry import Geometry
+from fixative.engine.options import EngineOptions
 
 Progress = Callable[[int, int, float], None]
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 PROGRESS_INTERVAL_SECONDS = 0.5
 MOMENTUM = 0.9  # Dong et al.'s decay factor mu; 0 gives plain sign steps
+COARSE_SHARE = 0.5  # of the steps, run at half the working side (coarse to fine; bench/README.md)
 
 
 class Attack(Protocol):
@@ -55,6 +65,33 @@ def perturbed(
     return geometry.pad(image)
 
 
+def coarse_steps(options: EngineOptions) -> int:
+    """How many of the steps run at half the working side: COARSE_SHARE of them, never the last one.
+
+    Only with ``robust`` on. Without it the steps optimise the lossless file's
+    own pixels, whose fine detail only full-size steps find: on the tiny model,
+    25 coarse steps of 100 cut the PNG's gain - 1 from 0.28 to 0.10
+    (bench/README.md, "Coarse to fine").
+    """
+    if not (options.coarse_to_fine and options.robust):
+        return 0
+    return min(int(COARSE_SHARE * options.steps), options.steps - 1)
+
+
+def random_start(like: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """Uniform in the ball, as in Madry et al. and Mist."""
+    return (torch.rand(like.shape, generator=generator, device=like.device) * 2 - 1) * eps
+
+
+def sign_step(
+    delta: torch.Tensor, accumulated: torch.Tensor, gradient: torch.Tensor, direction: float, alpha: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MI-FGSM step: (new delta, new accumulated gradient). ``direction`` is +1 to ascend, -1 to descend."""
+    # Normalised so that every step's draw weighs alike, however steep its landscape.
+    accumulated = MOMENTUM * accumulated + gradient / gradient.abs().mean().clamp_min(1e-12)
+    return (delta + direction * alpha * accumulated.sign()).clamp_(-eps, eps), accumulated
+
+
 def run_pgd(
     attack: Attack,
     x_work: torch.Tensor,
@@ -65,11 +102,11 @@ def run_pgd(
     generator: torch.Generator,
     progress: Progress | None = None,
     transform: Transform | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return the perturbation (fp32, working size) after ``steps`` PGD steps from a random start."""
-    # Random start, uniform in the ball, as in Madry et al. and Mist.
-    delta = (torch.rand(x_work.shape, generator=generator, device=x_work.device) * 2 - 1) * eps
-    sign = 1.0 if attack.maximize else -1.0
+    """Return the perturbation (fp32, working size) after ``steps`` PGD steps from ``start`` (default: a random start)."""
+    delta = random_start(x_work, eps, generator) if start is None else start
+    direction = 1.0 if attack.maximize else -1.0
     accumulated = torch.zeros_like(delta)
     last_report = time.monotonic()
     for step in range(1, steps + 1):
@@ -77,9 +114,7 @@ def run_pgd(
         objective, loss = attack(perturbed(x_work, delta, geometry, transform, generator), generator)
         (gradient,) = torch.autograd.grad(objective, delta)
         with torch.no_grad():
-            # Normalised so that every step's draw weighs alike, however steep its landscape.
-            accumulated = MOMENTUM * accumulated + gradient / gradient.abs().mean().clamp_min(1e-12)
-            delta = (delta + sign * alpha * accumulated.sign()).clamp_(-eps, eps)
+            delta, accumulated = sign_step(delta, accumulated, gradient, direction, alpha, eps)
         # Reading the loss forces a device sync, so report at most twice a second.
         if progress is not None and (step == steps or time.monotonic() - last_report >= PROGRESS_INTERVAL_SECONDS):
             progress(step, steps, float(loss))

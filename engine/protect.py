@@ -43,7 +43,7 @@ from fixative.engine.imaging import (
 from fixative.engine.metrics import as_seen, effect_figure, max_delta, protection_figures, psnr, served_figures, ssim
 from fixative.engine.model import LoadedModel
 from fixative.engine.options import EngineOptions
-from fixative.engine.pgd import Progress, run_pgd
+from fixative.engine.pgd import Progress, coarse_steps, run_pgd
 from fixative.engine.publishing import REPORTED_PIPELINES
 from fixative.engine.transforms import PublishingTransform
 
@@ -94,6 +94,33 @@ def _out_of_memory_is_an_engine_error(protect):
     return protect_or_explain
 
 
+def perturbation(
+    model: LoadedModel, options: EngineOptions, geometry: Geometry, x_work: torch.Tensor, progress: Progress | None
+) -> torch.Tensor:
+    """Step 3: the PGD perturbation at the working size, coarse steps first (``engine.pgd``, coarse to fine)."""
+    # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
+    eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
+    generator = torch.Generator(model.device).manual_seed(options.seed)
+    transform = PublishingTransform(options.seed) if options.robust else None
+    coarse = coarse_steps(options)
+    start = None
+    if coarse:
+        half = geometry.halved(model.size_multiple)
+        attack = ATTACKS[options.mode](model, options, (1, 3, *half.padded))
+        delta = run_pgd(attack, half.down(x_work), half, eps, alpha, coarse, generator, _counted(progress, 0, options.steps), transform)
+        start = half.up(delta)
+    attack = ATTACKS[options.mode](model, options, (1, 3, *geometry.padded))
+    fine = options.steps - coarse
+    return run_pgd(attack, x_work, geometry, eps, alpha, fine, generator, _counted(progress, coarse, options.steps), transform, start)
+
+
+def _counted(progress: Progress | None, before: int, total: int) -> Progress | None:
+    """A stage's progress callback, counting in the whole run's steps."""
+    if progress is None:
+        return None
+    return lambda step, _stage_total, loss: progress(before + step, total, loss)
+
+
 @_out_of_memory_is_an_engine_error
 def protect_image(
     source: SourceImage, model: LoadedModel, options: EngineOptions, progress: Progress | None = None
@@ -107,13 +134,8 @@ def protect_image(
     geometry = Geometry.plan(height, width, model.resolution, model.size_multiple)
     x_work = geometry.down_image(source.rgb).to(model.device)
 
-    # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
-    eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
-    generator = torch.Generator(model.device).manual_seed(options.seed)
-    attack = ATTACKS[options.mode](model, options, (1, 3, *geometry.padded))
     pgd_started = time.perf_counter()
-    transform = PublishingTransform(options.seed) if options.robust else None
-    delta = run_pgd(attack, x_work, geometry, eps, alpha, options.steps, generator, progress, transform)
+    delta = perturbation(model, options, geometry, x_work, progress)
     pgd_seconds = time.perf_counter() - pgd_started
 
     protected_rgb = geometry.perturb(source.rgb, delta, float(options.strength))
@@ -145,6 +167,7 @@ def protect_image(
         "steps": options.steps,
         "step_size": options.step_size,
         "samples_per_step": options.samples_per_step,
+        "coarse_steps": coarse_steps(options),
         "seed": options.seed,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
