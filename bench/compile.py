@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """torch.compile and channels_last at full SD-1.5 scale, end to end: compile time included, per image and per 10 images.
 
-    python bench/compile.py [--variants eager,channels_last,compile] [--size 512] [--steps 1] [--threads 1]
+    python bench/compile.py [--variants eager,compile,channels_last] [--size 512] [--threads 1]
 
 Issue 10, item 4. The variants run one after the other on one model, in one
 process (the daemon keeps its model loaded, so it would compile once per run,
@@ -13,15 +13,18 @@ CPU backend, default mode) on the UNet and on the VAE's encoder;
 ``channels_last`` converts both modules' weights to that memory format (the
 engine's inputs follow, as oneDNN propagates it).
 
-What one image costs is the engine's PGD steps plus the per-image report
+What one image costs, by what the engine runs (the defaults: coarse to fine
+with robust on): 50 PGD steps at half the working side and 50 at the working
+size, then the per-image report, whose four protection-gain evaluations
 (``engine.metrics.protection_figures`` on the saved file, then after each of
-the three reported pipelines: four evaluations). Both are timed as the engine
-runs them, twice: the first call of each pays the compilation (and the cold
-caches), the second is the steady state. So:
+the three reported pipelines) each run the encoder on a batch of 2 and the UNet
+on 8 batches of 4, without gradients. Each of these four calls is timed twice:
+the first call pays the compilation (and the cold caches), the second is the
+steady state. So, extrapolated:
 
-    per image  = steps x s/step + 4 x s/evaluation        (steady, extrapolated to the default steps)
-    start-up   = (first step - s/step) + (first evaluation - s/evaluation)
-    one image  = start-up + per image;   ten images = start-up + 10 x per image
+    per image = 50 x coarse step + 50 x step + 4 x (encoder(2) + 8 x UNet(4))
+    start-up  = the sum of (first call - steady call) over the four
+    one image = start-up + per image;   ten images = start-up + 10 x per image
 
 The eager variant's start-up is its own cold first calls, counted the same way.
 Results: bench/README.md, "Compilation and memory format".
@@ -42,6 +45,7 @@ sys.path.insert(0, str(BENCH))
 
 VARIANTS = ("eager", "channels_last", "compile", "compile+channels_last")
 REPORT_EVALUATIONS = 4  # the report's gain, then after jpeg85, jpeg75 and half+jpeg75 (engine.publishing.REPORTED_PIPELINES)
+UNET_BATCHES = 8  # engine.metrics.GAIN_SAMPLES (16) x 2 images, in batches of 4
 
 
 def apply(variant: str, model) -> None:
@@ -59,9 +63,8 @@ def apply(variant: str, model) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="eager,channels_last,compile")
+    parser.add_argument("--variants", default="eager,compile,channels_last")
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps after the first")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -73,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fixative.engine.attacks import ATTACKS
     from fixative.engine.geometry import Geometry
-    from fixative.engine.metrics import protection_figures
+    from fixative.engine.diffusion import encode
     from fixative.engine.options import EngineOptions
-    from fixative.engine.pgd import run_pgd
+    from fixative.engine.pgd import coarse_steps, run_pgd
     from fixative.engine.transforms import PublishingTransform
     from sd15 import load_engine_model
 
@@ -87,43 +90,61 @@ def main(argv: list[str] | None = None) -> int:
     attack = ATTACKS[options.mode](model, options, (1, 3, *geometry.padded))
     eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
 
-    def timed(what, *call_args):
+    def timed(call) -> float:
         started = time.perf_counter()
-        result = what(*call_args)
-        return time.perf_counter() - started, result
+        call()
+        return time.perf_counter() - started
+
+    half = geometry.halved(model.size_multiple)
+    coarse, fine = coarse_steps(options), options.steps - coarse_steps(options)
+    original = geometry.pad(x)
+    latents = torch.randn(4, 4, *(side // 8 for side in geometry.padded))
+    timesteps = torch.randint(0, model.num_train_timesteps, (4,))
+    calls = {
+        # name: (what one call runs, how many such calls one image makes)
+        "coarse step": (lambda: step(half, half.down(x)), coarse),
+        "step": (lambda: step(geometry, x), fine),
+        "encoder(2)": (lambda: encode_batch(torch.cat([original, original])), REPORT_EVALUATIONS),
+        "UNet(4)": (lambda: unet_batch(latents, timesteps), REPORT_EVALUATIONS * UNET_BATCHES),
+    }
+
+    def step(where, x_in):
+        transform = PublishingTransform(options.seed) if options.robust else None
+        generator = torch.Generator().manual_seed(options.seed)
+        run_pgd(attack, x_in, where, eps, alpha, 1, generator, None, transform)
+
+    @torch.no_grad()
+    def encode_batch(images):
+        encode(model, images)
+
+    @torch.no_grad()
+    def unet_batch(z, t):
+        model.unet(z.to(model.dtype), t, model.text_embedding.expand(len(t), -1, -1))
 
     results = []
     for variant in args.variants.split(","):
         apply(variant, model)
-        transform = PublishingTransform(options.seed) if options.robust else None
-        generator = torch.Generator().manual_seed(options.seed)
-        first_step, delta = timed(run_pgd, attack, x, geometry, eps, alpha, 1, generator, None, transform)
-        print(f"{variant}: first step {first_step:.1f} s", flush=True)
-        steps_seconds, delta = timed(run_pgd, attack, x, geometry, eps, alpha, args.steps, generator, None, transform, delta)
-        per_step = steps_seconds / args.steps
-        print(f"{variant}: {per_step:.2f} s/step over {args.steps} step(s)", flush=True)
-        original, protected = geometry.pad(x), geometry.pad((x + delta).clamp(-1, 1))
-        first_evaluation, _ = timed(protection_figures, model, original, protected)
-        print(f"{variant}: first evaluation {first_evaluation:.1f} s", flush=True)
-        evaluation, _ = timed(protection_figures, model, original, protected)
-        print(f"{variant}: evaluation {evaluation:.1f} s", flush=True)
-        per_image = options.steps * per_step + REPORT_EVALUATIONS * evaluation
-        start_up = (first_step - per_step) + (first_evaluation - evaluation)
+        first, steady = {}, {}
+        for name, (call, _) in calls.items():
+            first[name] = timed(call)
+            steady[name] = timed(call)
+            print(f"{variant}: {name} first {first[name]:.1f} s, then {steady[name]:.1f} s", flush=True)
+        per_image = sum(steady[name] * count for name, (_, count) in calls.items())
+        start_up = sum(first[name] - steady[name] for name in calls)
         results.append({
-            "variant": variant, "first_step": first_step, "seconds_per_step": per_step,
-            "first_evaluation": first_evaluation, "evaluation": evaluation, "start_up": start_up,
-            "per_image": per_image, "one_image": start_up + per_image, "ten_images": start_up + 10 * per_image,
+            "variant": variant, "first": first, "steady": steady, "start_up": start_up, "per_image": per_image,
+            "one_image": start_up + per_image, "ten_images": start_up + 10 * per_image,
             "peak_rss_bytes_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         })
         print(json.dumps(results[-1]), flush=True)
 
     print(f"\n{args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}; per image extrapolated to "
-          f"{options.steps} steps and {REPORT_EVALUATIONS} report evaluations:\n")
-    print("| variant | s/step | s/evaluation | start-up s | one image s | ten images s | vs eager, one | vs eager, ten |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{coarse} coarse and {fine} full-size steps and {REPORT_EVALUATIONS} report evaluations:\n")
+    print("| variant | " + " | ".join(f"{name} s" for name in calls) + " | start-up s | one image s | ten images s | vs first, one | vs first, ten |")
+    print("|---" * (len(calls) + 6) + "|")
     eager = results[0]
     for r in results:
-        print(f"| {r['variant']} | {r['seconds_per_step']:.2f} | {r['evaluation']:.1f} | {r['start_up']:.0f} | "
+        print(f"| {r['variant']} | " + " | ".join(f"{r['steady'][name]:.2f}" for name in calls) + f" | {r['start_up']:.0f} | "
               f"{r['one_image']:.0f} | {r['ten_images']:.0f} | {r['one_image'] / eager['one_image']:.2f}x | "
               f"{r['ten_images'] / eager['ten_images']:.2f}x |")
     if args.json:

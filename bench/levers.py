@@ -2,7 +2,7 @@
 """Coarse to fine, and reusing the encoder's forward pass: protection on the tiny model, cost at full scale.
 
     python bench/levers.py gain [--seeds 3] [--variants fine,coarse25,coarse50,coarse75,reuse2,reuse4,fine@50] [--json FILE]
-    python bench/levers.py cost [--size 512] [--steps 4] [--rounds 2] [--threads 1] [--variants ...]
+    python bench/levers.py cost [--size 512] [--steps 4] [--rounds 2] [--threads 1] [--variants fine,coarse50,reuse2,reference]
 
 Issue 10, items 2 and 3. Each variant protects through
 ``fixative.engine.protect.protect_image`` (the default mode ``sds``, ``robust``
@@ -27,7 +27,10 @@ bench/robustness.py, the report's gain of the saved PNG and after Pillow's
 JPEG q75) on the tests' tiny model, one thread. ``cost`` times the steps at
 full SD-1.5 scale (bench/sd15.py, random weights, the engine's dtypes),
 alternating the variants round by round after a warm-up of each, and
-extrapolates PGD seconds per image for the default step count. Results:
+extrapolates PGD seconds per image for the default step count; the variant
+``reference`` also times bench/reference.py's AdvDM steps (fp32 VAE, sharing
+the engine's fp32 UNet), so that the per-step ratio to the reference comes
+from one process, alternating, whatever the load does. Results:
 bench/README.md, "Coarse to fine, and reusing the encoder".
 """
 
@@ -52,7 +55,7 @@ VARIANTS = "fine,coarse25,coarse50,coarse75,reuse2,reuse4"
 def reusing(every: int):
     """The sds attack's loop, with the encoder's forward run every ``every`` steps (its graph kept in between)."""
 
-    def run(attack, x_work, geometry, eps, alpha, steps, generator, progress=None, transform=None):
+    def run(attack, x_work, geometry, eps, alpha, steps, generator, progress=None, transform=None, start=None):
         import torch
 
         from fixative.engine.attacks.sds import SDS
@@ -62,7 +65,7 @@ def reusing(every: int):
         if not isinstance(attack, SDS):
             raise SystemExit("reuseK is written for the sds attack")
         model = attack.model
-        delta = random_start(x_work, eps, generator)
+        delta = random_start(x_work, eps, generator) if start is None else start
         direction = 1.0 if attack.maximize else -1.0
         accumulated = torch.zeros_like(delta)
         for step in range(steps):
@@ -121,6 +124,9 @@ def cost(args) -> None:
     from fixative.engine.options import EngineOptions
     from fixative.engine.pgd import run_pgd
     from fixative.engine.transforms import PublishingTransform
+    import reference
+    import sd15
+    from reference import ReferenceModel
     from sd15 import load_engine_model
 
     torch.set_num_threads(args.threads)
@@ -132,16 +138,28 @@ def cost(args) -> None:
     attack = ATTACKS[options.mode](model, options, (1, 3, *geometry.padded))
     eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
     # What is timed: steps at the working size ("fine", which is also reuse1), at half the side
-    # ("half"), and the reusing loops at the working size.
-    timed = ["fine", "half"] + [n for n in args.variants.split(",") if n.startswith("reuse") and n != "reuse1"]
+    # ("half"), the reusing loops at the working size, and the reference AdvDM loop's steps.
+    names = args.variants.split(",")
+    timed = ["fine", "half"] + [n for n in names if n.startswith("reuse") and n != "reuse1"] + [n for n in names if n == "reference"]
+    if "reference" in timed:
+        reference_model = ReferenceModel(
+            vae=sd15.build_vae(model.device, torch.float32).eval().requires_grad_(False),
+            unet=model.unet,  # the engine's is fp32 too, with the same weights: shared, to spare 3.4 GB
+            context=model.text_embedding,
+            alphas_cumprod=model.alphas_cumprod,
+            scaling_factor=model.scaling_factor,
+        )
 
     def seconds_per_step(name: str, steps: int) -> float:
         transform = PublishingTransform(options.seed) if options.robust else None
         generator = torch.Generator().manual_seed(options.seed)
-        loop = run_pgd if name in ("fine", "half") else variant(name)[1]
-        where, x_in = (coarse, coarse.down(x)) if name == "half" else (geometry, x)
         started = time.perf_counter()
-        loop(attack, x_in, where, eps, alpha, steps, generator, None, transform)
+        if name == "reference":
+            reference.protect(reference_model, geometry.pad(x), steps, eps, alpha, options.seed)
+        else:
+            loop = run_pgd if name in ("fine", "half") else variant(name)[1]
+            where, x_in = (coarse, coarse.down(x)) if name == "half" else (geometry, x)
+            loop(attack, x_in, where, eps, alpha, steps, generator, None, transform)
         return (time.perf_counter() - started) / steps
 
     print(f"{args.size}x{args.size} (half: {coarse.work[1]}x{coarse.work[0]}), mode {options.mode}, robust {options.robust}, "
@@ -158,7 +176,9 @@ def cost(args) -> None:
     print(f"\nPGD seconds per image ({steps} steps), {args.size}x{args.size}, extrapolated from the s/step above:\n")
     print("| variant | s/step (mean of rounds) | PGD s/image | vs fine |")
     print("|---|---|---|---|")
-    for name in args.variants.split(","):
+    for name in names:
+        if name == "reference":
+            continue
         if name == "fine" or name == "reuse1":
             seconds = steps * fine
         elif name.startswith("coarse"):
@@ -168,6 +188,9 @@ def cost(args) -> None:
             seconds = steps * per_step[name]
         print(f"| {name} | {seconds / steps:.2f} | {seconds:.0f} | {seconds / (steps * fine):.2f}x |")
     print(f"half-side step: {per_step['half']:.2f} s, {per_step['half'] / fine:.2f}x a working-size step")
+    if "reference" in per_step:
+        print(f"reference AdvDM step: {per_step['reference']:.2f} s; a working-size sds step is "
+              f"{per_step['reference'] / fine:.2f}x faster, a half-side one {per_step['reference'] / per_step['half']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
