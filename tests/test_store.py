@@ -11,6 +11,7 @@ import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 from importlib import import_module
 import re
+import socket
 import time
 import tomllib
 from pathlib import Path
@@ -274,6 +275,41 @@ def test_process_heartbeats(store: JobStore) -> None:
     processes = store.processes()
     assert list(processes) == ["watcher"]
     assert processes["watcher"]["status"] == "scanning" and processes["watcher"]["age_seconds"] < 5
+
+
+def test_each_engine_beats_under_its_name_and_marks_the_jobs_it_does(store: JobStore, inbox: Path) -> None:
+    """Several engines (issue 11): status reads each one's row, its job now and its throughput from these."""
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        store.enqueue(drop(inbox, name, name.encode()), OPTIONS)
+    for engine in ("engine cuda:0@a", "engine cuda:1@b", "engine cuda:0@a"):
+        job = store.claim(f"owner of {engine}", 60, engine=engine)
+        assert store.finish(job.id, f"owner of {engine}", f"/export/{job.relative_path}", {})
+    running = store.claim("owner of the second", 60, engine="engine cuda:1@b")
+    assert [job.id for job in store.running_jobs()] == [running.id] and running.engine == "engine cuda:1@b"
+    figures = store.throughput_by_engine(24)
+    assert {name: row["done"] for name, row in figures.items()} == {"engine cuda:0@a": 2, "engine cuda:1@b": 1}
+    assert all(row["mean_seconds"] >= 0 for row in figures.values())
+
+    store.beat("engine cuda:1@b", "idle", device="cuda:1")
+    store.beat("watcher", "watching")
+    beats = store.processes()
+    assert (beats["engine cuda:1@b"]["device"], beats["watcher"]["device"]) == ("cuda:1", None)
+    assert beats["engine cuda:1@b"]["host"] == socket.gethostname()
+
+
+def test_sqlite_migration_4_retires_the_single_engines_row(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:3], start=1):
+        old.executescript(script)
+        old.execute(f"PRAGMA user_version = {number}")
+    for name in ("watcher", "engine"):
+        old.execute("INSERT INTO processes (name, pid, status, beat_at) VALUES (?, 1, 'stopped', 1)", (name,))
+    old.close()
+    store = JobStore(tmp_path / "jobs.db")
+    assert list(store.processes()) == ["watcher"]  # engines now beat under names of their own
+    store.close()
 
 
 def _claim_all(location: str, owner: str, start, out) -> None:

@@ -126,6 +126,8 @@ def test_a_hung_engine_is_restarted_alone_and_the_watchdog_keeps_the_healthy_one
             gaps = [later - earlier for earlier, later in zip(pings, pings[1:]) if later > hung_at]
             assert gaps and max(gaps) < watchdog_seconds, (gaps, messages[-5:])
             assert "run.engine_stalled" in daemon.log.read_text()
+            # READY once, when the first engine had loaded; not again for the restarted one.
+            assert sum("READY=1" in message.split("\n") for message in messages) == 1
             assert daemon.stop() == 0
         finally:
             done.set()
