@@ -98,7 +98,7 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
             report["processes"]["watcher"] = beats["watcher"]
         running = store.running_jobs()
         report["engines"] = _engines(report["engines"], beats, running, store.throughput_by_engine(24), now)
-        if looks_full(settings.state_dir):
+        if looks_full(settings):
             report["waiting"] = (f"the state folder's disk is full ({settings.state_dir}: "
                                  f"{free_bytes(settings.state_dir) // 1024} KiB free); "
                                  "nothing can be queued or recorded until there is space, then it resumes by itself")
@@ -147,8 +147,9 @@ def free_bytes(state_dir: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def looks_full(state_dir: Path) -> bool:
-    return free_bytes(state_dir) < FULL_BELOW_BYTES
+def looks_full(settings: Settings) -> bool:
+    """Whether the SQLite job table's disk is full. A PostgreSQL job table is not on it (``state_db``)."""
+    return not settings.state_db and free_bytes(settings.state_dir) < FULL_BELOW_BYTES
 
 
 def is_alive(beat: dict[str, Any] | None) -> bool:

@@ -124,7 +124,7 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
             # A full state disk, or a job database that is away, stops every heartbeat
             # while the loops wait (daemon.state_disk): say so, and neither kill an engine
             # nor let systemd's watchdog restart a daemon that is waiting, not hung.
-            if waiting is None and looks_full(settings.state_dir):
+            if waiting is None and looks_full(settings):
                 waiting = STATE_DISK_FULL_STATUS
             for engine in engines:
                 engine.supervise(beats.get(engine.name), None if waiting else stall_limit)
