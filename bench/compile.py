@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """torch.compile and channels_last at full SD-1.5 scale, end to end: compile time included, per image and per 10 images.
 
-    python bench/compile.py [--variants eager,compile,channels_last] [--size 512] [--threads 1]
+    python bench/compile.py [--variants eager,compile,channels_last] [--size 512] [--threads 1] [--rounds 2]
 
 Issue 10, item 4. The variants run one after the other on one model, in one
 process (the daemon keeps its model loaded, so it would compile once per run,
@@ -18,15 +18,18 @@ with robust on): 50 PGD steps at half the working side and 50 at the working
 size, then the per-image report, whose four protection-gain evaluations
 (``engine.metrics.protection_figures`` on the saved file, then after each of
 the three reported pipelines) each run the encoder on a batch of 2 and the UNet
-on 8 batches of 4, without gradients. Each of these four calls is timed twice:
-the first call pays the compilation (and the cold caches), the second is the
-steady state. So, extrapolated:
+on 8 batches of 4, without gradients. Each of these four calls is timed cold
+for every variant (eager first, so eager's cold calls also pay the process's
+first touches; then each other variant's, which for ``compile`` is where
+compilation happens), then in rounds, the variants alternating call by call so
+that the load of a shared machine falls on all alike. Extrapolated:
 
-    per image = 50 x coarse step + 50 x step + 4 x (encoder(2) + 8 x UNet(4))
-    start-up  = the sum of (first call - steady call) over the four
+    per image = 50 x coarse step + 50 x step + 4 x (encoder(2) + 8 x UNet(4))   (steady calls, mean of rounds)
+    start-up  = the sum of (cold call - steady call) over the four
     one image = start-up + per image;   ten images = start-up + 10 x per image
 
-The eager variant's start-up is its own cold first calls, counted the same way.
+Switching variants only swaps what the modules call (the compiled code is
+kept) and converts the weights' memory format; neither is timed.
 Results: bench/README.md, "Compilation and memory format".
 """
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,17 +52,22 @@ REPORT_EVALUATIONS = 4  # the report's gain, then after jpeg85, jpeg75 and half+
 UNET_BATCHES = 8  # engine.metrics.GAIN_SAMPLES (16) x 2 images, in batches of 4
 
 
-def apply(variant: str, model) -> None:
-    """Set the memory format, and compile or uncompile, the UNet and the VAE encoder for ``variant``."""
+def apply(variant: str, model, compiled: dict) -> None:
+    """Set the UNet's and the VAE encoder's memory format, and their compiled or eager forward, for ``variant``.
+
+    ``nn.Module.compile()`` stores the compiled forward in ``_compiled_call_impl``;
+    it is kept in ``compiled`` and swapped in and out, so that switching back
+    does not compile again.
+    """
     import torch
 
     memory_format = torch.channels_last if "channels_last" in variant else torch.contiguous_format
-    torch._dynamo.reset()
-    for module in (model.unet, model.vae.encoder):
+    for name, module in (("unet", model.unet), ("encoder", model.vae.encoder)):
         module.to(memory_format=memory_format)
-        module._compiled_call_impl = None  # what nn.Module.compile() sets: back to eager
-        if "compile" in variant:
+        if "compile" in variant and name not in compiled:
             module.compile()
+            compiled[name] = module._compiled_call_impl
+        module._compiled_call_impl = compiled[name] if "compile" in variant else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="eager,compile,channels_last")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
@@ -121,22 +131,32 @@ def main(argv: list[str] | None = None) -> int:
     def unet_batch(z, t):
         model.unet(z.to(model.dtype), t, model.text_embedding.expand(len(t), -1, -1))
 
-    results = []
-    for variant in args.variants.split(","):
-        apply(variant, model)
-        first, steady = {}, {}
+    variants, compiled = args.variants.split(","), {}
+    cold = {variant: {} for variant in variants}
+    steady = {variant: {name: [] for name in calls} for variant in variants}
+    for variant in variants:
+        apply(variant, model, compiled)
         for name, (call, _) in calls.items():
-            first[name] = timed(call)
-            steady[name] = timed(call)
-            print(f"{variant}: {name} first {first[name]:.1f} s, then {steady[name]:.1f} s", flush=True)
-        per_image = sum(steady[name] * count for name, (_, count) in calls.items())
-        start_up = sum(first[name] - steady[name] for name in calls)
+            cold[variant][name] = timed(call)
+            print(f"{variant}: {name} cold {cold[variant][name]:.1f} s", flush=True)
+    for round_ in range(args.rounds):
+        for name, (call, _) in calls.items():
+            for variant in variants:
+                apply(variant, model, compiled)
+                steady[variant][name].append(timed(call))
+                print(f"round {round_ + 1}: {variant}: {name} {steady[variant][name][-1]:.1f} s", flush=True)
+    print(f"dynamo counters: {dict(torch._dynamo.utils.counters['stats'])}", flush=True)
+
+    results = []
+    for variant in variants:
+        mean = {name: statistics.fmean(values) for name, values in steady[variant].items()}
+        per_image = sum(mean[name] * count for name, (_, count) in calls.items())
+        start_up = sum(cold[variant][name] - mean[name] for name in calls)
         results.append({
-            "variant": variant, "first": first, "steady": steady, "start_up": start_up, "per_image": per_image,
-            "one_image": start_up + per_image, "ten_images": start_up + 10 * per_image,
-            "peak_rss_bytes_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "variant": variant, "cold": cold[variant], "steady": steady[variant], "steady_mean": mean,
+            "start_up": start_up, "per_image": per_image, "one_image": start_up + per_image,
+            "ten_images": start_up + 10 * per_image,
         })
-        print(json.dumps(results[-1]), flush=True)
 
     print(f"\n{args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}; per image extrapolated to "
           f"{coarse} coarse and {fine} full-size steps and {REPORT_EVALUATIONS} report evaluations:\n")
@@ -144,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (len(calls) + 6) + "|")
     eager = results[0]
     for r in results:
-        print(f"| {r['variant']} | " + " | ".join(f"{r['steady'][name]:.2f}" for name in calls) + f" | {r['start_up']:.0f} | "
+        print(f"| {r['variant']} | " + " | ".join(f"{r['steady_mean'][name]:.2f}" for name in calls) + f" | {r['start_up']:.0f} | "
               f"{r['one_image']:.0f} | {r['ten_images']:.0f} | {r['one_image'] / eager['one_image']:.2f}x | "
               f"{r['ten_images'] / eager['ten_images']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "threads": args.threads, "torch": torch.__version__,
+                                         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                                          "variants": results}, indent=2))
     return 0
 

@@ -25,6 +25,7 @@ does). The rules, all in the same L-infinity ball from the same random start:
   loss (or the best loss and the step both stood still), restarting from the
   best point; the best point is returned.
 
+Coarse to fine (which came later) is off, so each rule is the whole loop.
 Runs on the tests' tiny trained model with one thread; judges protection, not
 speed (every rule costs the same per step). Means ± standard error over seeds x
 images. bench/README.md ("Step schedule") has the results.
