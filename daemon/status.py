@@ -28,9 +28,10 @@ ALIVE_WITHIN_SECONDS = 60.0
 # A live process whose loop has not moved for this long is stuck (a hung GPU
 # driver). The same figure as the unit's WatchdogSec (tests/test_systemd_unit.py
 # checks it): `fixative run` kills and restarts an engine stalled this long, at
-# the moment status starts to call it STALLED (daemon.supervisor). Long enough for the longest silence measured in a
-# healthy engine, on 2 CPU cores (bench/README.md, 768x512): 21 s per step, and
-# 268 s for the first step plus the report's figures, which report no progress.
+# the moment status starts to call it STALLED (daemon.supervisor). Long enough
+# for the longest silence measured in a healthy engine, on 2 CPU cores
+# (bench/README.md, 768x512): 21 s per step, and 268 s for the first step plus
+# the report's figures, which report no progress.
 STALLED_AFTER_SECONDS = 600.0
 # What status calls a full state disk. SQLite needs a few pages per write; with
 # less than this left for this user (statvfs f_bavail), writes are failing or about to.
@@ -127,9 +128,10 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
 def _engines(configured: list[dict[str, Any]], beats: dict[str, dict[str, Any]], running: list[Job],
              throughput: dict[str, dict[str, Any]], now: float) -> list[dict[str, Any]]:
     """This machine's engines, with their beats if any, then any other live engine; each with its job and figures."""
+    ours = {engine["name"] for engine in configured}
     engines = [{**engine, **beats.get(engine["name"], {})} for engine in configured]
     engines += [{"name": name, **beat} for name, beat in sorted(beats.items())
-                if beat["device"] is not None and beat["alive"] and name not in {e["name"] for e in configured}]
+                if beat["device"] is not None and beat["alive"] and name not in ours]
     jobs: dict[str, Job] = {}
     for job in running:  # the latest claimed first, should an expired lease linger
         jobs.setdefault(job.engine, job)

@@ -130,12 +130,14 @@ def test_several_engines_each_show_their_job_pid_and_throughput(env: dict[str, s
     store.beat(first, "idle", device="cuda:0")
     store.beat(second, "protecting d.png 30%", device="cuda:1")
     store.beat(broken, "stopped: device 'cuda:7' was asked for, but torch sees 2 CUDA GPU(s)", device="cuda:7")
+    store.beat("engine cuda:0@studio-2", "idle", device="cuda:0")  # another machine on the same job table
+    store.beat("engine cpu@old-box", "stopped", device="cpu")  # not ours, not alive: not shown
 
     done = fixative(env, "status", "--json")
     assert done.returncode == EXIT_DAEMON_DOWN  # not everything works: scripts must notice
     engines = {engine["name"]: engine for engine in json.loads(done.stdout)["engines"]}
-    assert list(engines) == [first, second, broken]  # in the order of [engine] devices
-    assert [engines[name]["device"] for name in engines] == ["cuda:0", "cuda:1", "cuda:7"]
+    assert list(engines) == [first, second, broken, "engine cuda:0@studio-2"]  # ours in the order of [engine] devices
+    assert [engines[name]["device"] for name in engines] == ["cuda:0", "cuda:1", "cuda:7", "cuda:0"]
     assert engines[first]["throughput_24h"]["done"] == 2 and engines[first]["running"] is None
     assert engines[second]["throughput_24h"]["done"] == 1
     assert (engines[second]["running"]["relative_path"], engines[second]["running"]["step"]) == ("d.png", 3)
@@ -143,10 +145,11 @@ def test_several_engines_each_show_their_job_pid_and_throughput(env: dict[str, s
     assert not engines[broken]["alive"]
 
     text = fixative(env, "status").stdout.splitlines()
-    assert text[0].startswith("fixative is DEGRADED (2 of 3 engines working): watcher alive (")
+    assert text[0].startswith("fixative is DEGRADED (3 of 4 engines working): watcher alive (")
     assert text[1].startswith(f"  engine cuda:0 (pid {os.getpid()}) alive (") and " · last 24h: 2 done" in text[1]
     assert text[2].startswith("  engine cuda:1 (pid ") and "protecting d.png 30%" in text[2]
     assert text[3].startswith("    now: d.png 3/10 (30.0%)")
     assert text[4].startswith("  engine cuda:7 (pid ") and "stopped (" in text[4]
     assert "torch sees 2 CUDA GPU(s)" in text[4]
+    assert text[5].startswith("  engine cuda:0@studio-2 (pid ")  # another machine's: named with its host
     assert not any(line.startswith("now:") for line in text)  # each engine's job is on its own line
