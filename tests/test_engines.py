@@ -61,44 +61,14 @@ def assert_each_done_once(daemon: Daemon, count: int) -> None:
     assert daemon.outputs() == [f"{n:02d}.png" for n in range(count)]  # one file each, no -2, no temp file
 
 
-def test_two_engines_drain_a_queue_each_image_once_and_status_shows_both(two_engines) -> None:
-    daemon = two_engines(FIXATIVE_ENGINE__STEPS="2")
+def test_two_engines_drain_20_images_each_once_through_kill_9_of_each_and_status_shows_both(two_engines) -> None:
+    """One story, to keep the suite short: the queue drained by two engines, each killed once mid-job.
+
+    The default 300 s lease: only a release by the supervisor can put a dead
+    engine's job back within seconds. (A job takes seconds, most of it the report's figures.)
+    """
+    daemon = two_engines(FIXATIVE_ENGINE__STEPS="2", FIXATIVE_WORKER__LEASE_SECONDS="300")
     drop(daemon, 20, side=256)
-    daemon.start()
-    daemon.wait_for(lambda: daemon.finished(20), "the 20 images")
-
-    assert_each_done_once(daemon, 20)
-    jobs = daemon.store.jobs(limit=1000)
-    assert all(job.attempts == 1 for job in jobs)
-    by_engine = Counter(job.engine for job in jobs)
-    assert set(by_engine) == {FIRST, SECOND}, by_engine  # both did work, and nobody else
-
-    report = daemon.status()
-    assert report["up"] is True
-    engines = {engine["name"]: engine for engine in report["engines"]}
-    assert list(engines) == [FIRST, SECOND]
-    assert {engines[name]["throughput_24h"]["done"] for name in engines} == set(by_engine.values())
-    assert all(engine["alive"] and engine["device"] == "cpu" and engine["throughput_24h"]["mean_seconds"] > 0
-               for engine in engines.values())
-    pids = {engine["pid"] for engine in engines.values()}
-    assert len(pids) == 2 and daemon.process.pid not in pids  # two children, not the supervisor
-    text = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status"], env=daemon.env, cwd=REPO,
-                          capture_output=True, text=True, timeout=60).stdout.splitlines()
-    assert text[0].startswith("fixative is up: watcher alive (") and text[0].endswith(", 2 engines")
-    for line, name in zip(text[1:3], (FIRST, SECOND)):
-        label = name.split("@")[0]
-        assert line.startswith(f"  {label} (pid {engines[name]['pid']}) alive (")
-        assert f" · last 24h: {by_engine[name]} done, " in line
-
-    assert daemon.stop() == 0
-    assert all(daemon.store.processes()[name]["status"] == "stopped" for name in (FIRST, SECOND))
-
-
-def test_kill_9_of_one_engine_restarts_it_alone_and_releases_only_its_job_at_once(two_engines) -> None:
-    # The default 300 s lease: only a release by the supervisor can put a dead
-    # engine's job back within seconds. (Jobs take seconds, most of it the report's figures.)
-    daemon = two_engines(FIXATIVE_WORKER__LEASE_SECONDS="300")
-    drop(daemon, 4, side=256)
     daemon.start()
 
     def busy(name: str):
@@ -111,6 +81,7 @@ def test_kill_9_of_one_engine_restarts_it_alone_and_releases_only_its_job_at_onc
     daemon.wait_for(lambda: busy(FIRST) and busy(SECOND), "both engines mid-job")
     first_job, second_job = busy(FIRST), busy(SECOND)
     victim, survivor = pid(FIRST), pid(SECOND)
+    assert len({victim, survivor, daemon.process.pid}) == 3  # two children, not the supervisor
     os.kill(victim, signal.SIGKILL)
     daemon.wait_for(lambda: daemon.store.get(first_job.id).state == "queued", "the dead engine's job back", timeout=5)
     assert "the engine died while working on it (killed by SIGKILL)" in daemon.store.get(first_job.id).error
@@ -127,12 +98,32 @@ def test_kill_9_of_one_engine_restarts_it_alone_and_releases_only_its_job_at_onc
     backoff_over = datetime.fromisoformat(first_died["timestamp"]).timestamp() + first_died["restart_in_seconds"]
     assert daemon.store.get(job.id).updated_at < backoff_over
 
-    daemon.wait_for(lambda: daemon.finished(4), "every image, after both restarts")
-    assert pid(FIRST) not in (None, victim) and pid(SECOND) not in (None, survivor)
-    assert_each_done_once(daemon, 4)
-    attempts = {job.id: job.attempts for job in daemon.store.jobs()}
-    assert attempts == {j: 2 if j in (first_job.id, job.id) else 1 for j in attempts}  # killed twice, each counted
+    daemon.wait_for(lambda: daemon.finished(20), "the 20 images, after both restarts")
+    assert pid(FIRST) not in (None, victim) and pid(SECOND) not in (None, survivor)  # each restarted
+    assert_each_done_once(daemon, 20)
+    jobs = daemon.store.jobs(limit=1000)
+    assert {j.id: j.attempts for j in jobs} == {j.id: 2 if j.id in (first_job.id, job.id) else 1 for j in jobs}
+    by_engine = Counter(j.engine for j in jobs)
+    assert set(by_engine) == {FIRST, SECOND}, by_engine  # both did work, and nobody else
+
+    report = daemon.status()
+    assert report["up"] is True
+    engines = {engine["name"]: engine for engine in report["engines"]}
+    assert list(engines) == [FIRST, SECOND]
+    # Names outlive restarts: each engine's figures count the work of all its lives.
+    assert {name: engine["throughput_24h"]["done"] for name, engine in engines.items()} == by_engine
+    assert all(engine["alive"] and engine["device"] == "cpu" and engine["throughput_24h"]["mean_seconds"] > 0
+               for engine in engines.values())
+    text = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status"], env=daemon.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert text[0].startswith("fixative is up: watcher alive (") and text[0].endswith(", 2 engines")
+    for line, name in zip(text[1:3], (FIRST, SECOND)):
+        label = name.split("@")[0]
+        assert line.startswith(f"  {label} (pid {engines[name]['pid']}) alive (")
+        assert f" · last 24h: {by_engine[name]} done, " in line
+
     assert daemon.stop() == 0
+    assert all(daemon.store.processes()[name]["status"] == "stopped" for name in (FIRST, SECOND))
 
 
 def test_an_engine_whose_device_does_not_exist_stops_alone_and_says_why(two_engines) -> None:
