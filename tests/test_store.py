@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fixative.daemon.store import STATES, JobStore
+from fixative.daemon.store import STATES, JobStore, StoreUnavailable
 from fixative.daemon.store_sqlite import MIGRATIONS
 from fixative.engine.options import EngineOptions
 
@@ -68,6 +68,14 @@ def test_postgresql_machines_starting_together_migrate_once(postgres_url: str) -
     recorded = stores[0].backend.rows("SELECT version, applied_at FROM fixative_schema ORDER BY version", {})
     assert [row["version"] for row in recorded] == list(range(1, len(POSTGRESQL_MIGRATIONS) + 1))
     assert all(abs(row["applied_at"] - time.time()) < 60 for row in recorded)
+
+
+def test_a_postgresql_disk_full_is_waited_out_like_a_lost_server(postgres_url: str, inbox: Path) -> None:
+    store = JobStore(postgres_url)
+    with pytest.raises(StoreUnavailable, match="could not extend file"):
+        # The server's own error, SQLSTATE 53100, as a full disk raises it.
+        store.backend.execute("DO $$ BEGIN RAISE 'could not extend file' USING ERRCODE = '53100'; END $$", {})
+    assert store.enqueue(drop(inbox, "a.png"), OPTIONS).state == "queued"  # and then it goes on
 
 
 def test_enqueue_is_idempotent_per_path(store: JobStore, inbox: Path) -> None:
