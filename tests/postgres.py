@@ -38,8 +38,10 @@ def _free_port() -> int:
 class Cluster:
     """One postgres server in its own folder; :meth:`database` makes a fresh database per test."""
 
-    def __init__(self, binaries: Path):
+    def __init__(self, binaries: Path, *, durable: bool = False):
+        """``durable``: fsync on, as a production server runs (the job-table bench); off for the tests."""
         self.binaries = binaries
+        self.durable = durable
         self.folder = Path(tempfile.mkdtemp(prefix="fixative-pg-"))
         self.data = self.folder / "data"
         self.port = _free_port()
@@ -58,9 +60,10 @@ class Cluster:
             raise RuntimeError(f"{program} failed: {result.stdout}{result.stderr}")
 
     def start(self) -> None:
-        # Durability off: a test server that loses its data in a power cut loses nothing.
-        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:
+            # A test server that loses its data in a power cut loses nothing.
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"), "-w", "start")
 
     def stop(self, mode: str = "fast") -> None:
