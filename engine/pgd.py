@@ -15,13 +15,12 @@ noisy; the sum averages the draws. On the tiny model, 25 steps with momentum
 left more protection after Pillow's JPEG q75 than 100 fixed sign steps did;
 step-size schedules and Auto-PGD did not (bench/README.md, "Step schedule").
 
-Coarse to fine: the first COARSE_SHARE of the steps run at half the working
-side (``Geometry.halved``), where a step costs about a quarter as much (the
-encoder's and the UNet's work fall with the pixel count); the perturbation is
-then carried up to the working size and refined there. This is the
-multi-scale warm start of image-pyramid optimisation; here it also puts the
-first steps' work into coarse detail, which the publishing pipeline's
-downscale and JPEG keep. engine.protect runs the two stages.
+Coarse to fine (with ``robust``): the first COARSE_SHARE of the steps run at
+half the working side (``Geometry.halved``), where a step cost 0.20x a
+full-size one at SD-1.5 scale (the encoder's and the UNet's work fall with the
+pixel count); the perturbation is then carried up to the working size and
+refined there, the momentum starting afresh. engine.protect runs the two
+stages; bench/README.md ("Coarse to fine") has the measurements.
 """
 
 from __future__ import annotations
