@@ -65,7 +65,11 @@ def apply(variant: str, model, compiled: dict) -> None:
     for name, module in (("unet", model.unet), ("encoder", model.vae.encoder)):
         module.to(memory_format=memory_format)
         if "compile" in variant and name not in compiled:
-            module.compile()
+            # Static shapes: with the default automatic dynamic shapes, the second input size (the
+            # full-size step after the coarse one) recompiled with symbolic sizes and Inductor failed
+            # ("InductorError: TypeError: cannot determine truth value of Relational:
+            # 512*((s30//8))*((s91//8)) < 1", torch 2.13.0+cpu). Each size now compiles once.
+            module.compile(dynamic=False)
             compiled[name] = module._compiled_call_impl
         module._compiled_call_impl = compiled[name] if "compile" in variant else None
 
