@@ -15,10 +15,16 @@ from test_daemon_end_to_end import Daemon, png_bytes
 
 @pytest.fixture
 def small_state_disk(tmp_path: Path):
-    """A 4 MiB tmpfs where the daemon's state folder goes (mounting needs root, as in CI's container)."""
+    """A 16 MiB tmpfs where the daemon's state folder goes (mounting needs root, as in CI's container).
+
+    Not 4 MiB: SQLite checkpoints its WAL only at 1000 pages (4 MiB) and keeps the
+    file at that size, so the heartbeats written while an engine starts slowly on a
+    loaded machine can fill a 4 MiB disk before the test does. That is the likely
+    cause of the ENOSPC seen twice when opening the filler in full runs under load.
+    """
     state = tmp_path / "state"
     state.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(state)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     yield state
