@@ -59,6 +59,28 @@ def engine_name(label: str) -> str:
     return f"engine {label}@{socket.gethostname()}"
 
 
+def watcher_name() -> str:
+    """The watcher's heartbeat row: ``watcher@host``, one per machine, like the engines'.
+
+    Several machines may share one job table, each watching an inbox of its own.
+    Under one shared name ("watcher", as before), status showed whichever beat
+    last, and ``fixative run`` took another machine's live watcher for its own
+    when deciding whether to ping systemd's watchdog.
+    """
+    return f"watcher@{socket.gethostname()}"
+
+
+def _watcher(beats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """This machine's watcher; on a machine that runs none (engines only, on a shared table), the one that beat last.
+
+    "watcher" alone is the row of a watcher from before rows were named by host.
+    """
+    if watcher_name() in beats:
+        return beats[watcher_name()]
+    others = [beat for name, beat in beats.items() if name == "watcher" or name.startswith("watcher@")]
+    return max(others, key=lambda beat: beat["beat_at"], default=None)
+
+
 def _never_started(**extra: Any) -> dict[str, Any]:
     return {"alive": False, "stalled": False, "pid": None, "status": "never started", "age_seconds": None,
             "progress_age_seconds": None, **extra}
@@ -95,8 +117,8 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
         except StoreUnavailable as error:  # a PostgreSQL job table that is away: nothing else can be read
             report["waiting"] = f"{error}; {error.remedy}"
             return report
-        if "watcher" in beats:
-            report["processes"]["watcher"] = beats["watcher"]
+        if (watcher := _watcher(beats)) is not None:
+            report["processes"]["watcher"] = watcher
         running = store.running_jobs()
         report["engines"] = _engines(report["engines"], beats, running, store.throughput_by_engine(24), now)
         if looks_full(settings):

@@ -41,7 +41,7 @@ from fixative.daemon.inbox_filter import WatcherConfigError
 from fixative.daemon.notify import notify, watchdog_interval
 from fixative.daemon.settings import EX_CONFIG, Settings
 from fixative.daemon.status import (STALLED_AFTER_SECONDS, engine_labels, engine_name, is_alive, is_healthy,
-                                    looks_full)
+                                    looks_full, watcher_name)
 from fixative.daemon.store import JobStore, StoreUnavailable, open_store
 from fixative.daemon.worker import LOADING_STATUS, new_owner
 
@@ -139,7 +139,7 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
             if status and status != last_status:
                 last_status = status
                 notify(f"STATUS={status}")
-            moving = is_healthy(beats.get("watcher")) and not any(e.stalled(beats.get(e.name), stall_limit) for e in engines)
+            moving = is_healthy(beats.get(watcher_name())) and not any(e.stalled(beats.get(e.name), stall_limit) for e in engines)
             if ping_every and (moving or waiting) and time.monotonic() >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every

@@ -39,6 +39,7 @@ from fixative.daemon.inbox_filter import WatcherConfigError, check_folders, igno
 from fixative.daemon.settings import Settings
 from fixative.daemon.stability import Settled, StabilityTracker
 from fixative.daemon.state_disk import RETRY_SECONDS, Pause
+from fixative.daemon.status import watcher_name
 from fixative.daemon.store import JobStore, StoreUnavailable, open_store
 
 __all__ = ["EXIT_OBSERVER_DIED", "WatcherConfigError", "run_watcher"]
@@ -126,7 +127,7 @@ class _Watcher:
                     self.admit(settled)
                 status = self.status_text()
                 if now >= next_beat or status != last_status:
-                    self.store.beat("watcher", status)
+                    self.store.beat(watcher_name(), status)
                     next_beat, last_status = now + HEARTBEAT_SECONDS, status
             except StoreUnavailable as error:
                 self.disk.full(error)
@@ -298,5 +299,5 @@ def run_watcher(settings: Settings, stop: threading.Event) -> int:
             # heartbeat goes stale. Suppressed: if the database is what failed,
             # that error is the one to report, not this one.
             with suppress(Exception):
-                store.beat("watcher", "stopped")
+                store.beat(watcher_name(), "stopped")
             log.info("watcher.stopped")

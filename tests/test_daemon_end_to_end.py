@@ -32,6 +32,7 @@ from PIL import Image
 
 from conftest import painting
 from fixative.daemon.settings import EX_CONFIG
+from fixative.daemon.status import watcher_name
 from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ device = "cpu"
             self.process = subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "run"], env=self.env, cwd=REPO,
                                             stdout=log, stderr=subprocess.STDOUT)
         if wait:
-            self.wait_for(lambda: self.beat("watcher"), "the watcher to beat")
+            self.wait_for(lambda: self.beat(watcher_name()), "the watcher to beat")
         return self
 
     def stop(self) -> int:
@@ -383,5 +384,5 @@ def test_run_exits_78_when_the_model_is_missing_and_says_what_to_do(tmp_path: Pa
     assert daemon.process.wait(timeout=120) == EX_CONFIG  # not restarted in a loop: the unit stops on 78
     log = daemon.log.read_text()
     assert f"model path {missing} does not exist" in log and "engine.cannot_load_model" in log
-    assert daemon.store.processes()["watcher"]["status"] == "stopped"
+    assert daemon.store.processes()[watcher_name()]["status"] == "stopped"
     daemon.store.close()

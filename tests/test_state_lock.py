@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fixative.daemon.lock import EXIT_ALREADY_RUNNING, LOCK_FILE
-from fixative.daemon.status import engine_name
+from fixative.daemon.status import engine_name, watcher_name
 from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_a_second_daemon_on_one_state_folder_is_refused_naming_the_holder(env, t
     first = start(env, "watch", log)
     try:
         store = JobStore(tmp_path / "state" / "jobs.db")
-        wait_for(lambda: store.processes().get("watcher"), "the watcher to beat", first, log)
+        wait_for(lambda: store.processes().get(watcher_name()), "the watcher to beat", first, log)
         for command in ("run", "watch", "engine"):
             second = refused(env, command)
             assert second.returncode == EXIT_ALREADY_RUNNING, (command, second.stderr)

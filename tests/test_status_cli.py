@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fixative.daemon.status import EXIT_DAEMON_DOWN, engine_name
+from fixative.daemon.status import EXIT_DAEMON_DOWN, engine_name, watcher_name
 from fixative.daemon.store import JobStore
 from fixative.engine.options import EngineOptions
 
@@ -153,3 +153,23 @@ def test_several_engines_each_show_their_job_pid_and_throughput(env: dict[str, s
     assert "torch sees 2 CUDA GPU(s)" in text[4]
     assert text[5].startswith("  engine cuda:0@studio-2 (pid ")  # another machine's: named with its host
     assert not any(line.startswith("now:") for line in text)  # each engine's job is on its own line
+
+
+def test_each_machine_s_watcher_beats_under_its_own_name(env: dict[str, str], tmp_path: Path) -> None:
+    """Several machines on one job table: status shows this machine's watcher, not whichever beat last.
+
+    Under one shared "watcher" row, another machine's live watcher hid this one's death.
+    """
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    store.beat(ENGINE, "idle", device="auto")
+    store.beat(watcher_name(), "watching")
+    store.backend.execute("UPDATE processes SET beat_at = beat_at - 3600, progress_at = progress_at - 3600 "
+                          "WHERE name = :name", {"name": watcher_name()})  # this machine's watcher died an hour ago
+    store.beat("watcher@studio-2", "watching")  # another machine's watcher, alive
+    report = json.loads(fixative(env, "status", "--json").stdout)
+    assert report["processes"]["watcher"]["alive"] is False and report["up"] is False
+
+    # An engines-only machine runs no watcher: it shows the one that beat last.
+    store.backend.execute("DELETE FROM processes WHERE name = :name", {"name": watcher_name()})
+    report = json.loads(fixative(env, "status", "--json").stdout)
+    assert report["processes"]["watcher"]["alive"] is True and report["processes"]["watcher"]["status"] == "watching"

@@ -19,6 +19,7 @@ from watchdog.observers import Observer
 
 from fixative.daemon import watcher
 from fixative.daemon.settings import Settings
+from fixative.daemon.status import watcher_name
 from fixative.daemon.store import JobStore
 from fixative.daemon.watcher import EXIT_OBSERVER_DIED, WatcherConfigError, _EventRecorder, run_watcher
 
@@ -136,7 +137,7 @@ def test_a_burst_of_200_files_is_queued_exactly_once_each(settings, inbox, store
         wait_for(lambda: len(store.jobs(limit=1000)) >= 200, timeout=20)
         time.sleep(2 * STABILITY)
         # `fixative status` shows what the watcher is doing, from its heartbeat.
-        assert "200 recorded since start" in store.processes()["watcher"]["status"]
+        assert "200 recorded since start" in store.processes()[watcher_name()]["status"]
 
     jobs = store.jobs(limit=1000)
     assert sorted(job.source_path for job in jobs) == [str(inbox / f"burst-{i:03}.png") for i in range(200)]
@@ -247,7 +248,7 @@ def test_polling_observer(settings, inbox, store):
     with running(settings):
         (inbox / "polled.png").write_bytes(png(9))
         wait_for(lambda: sources(store) == [str(inbox / "polled.png")])
-    assert store.processes()["watcher"]["status"] == "stopped"
+    assert store.processes()[watcher_name()]["status"] == "stopped"
 
 
 def test_inotify_watch_limit_falls_back_to_polling_and_names_the_sysctl(settings, inbox, store, monkeypatch):
