@@ -580,10 +580,6 @@ class JobStore:
         counts.update({r["state"]: r["n"] for r in self._rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")})
         return counts
 
-    def running(self) -> Job | None:
-        """The job being protected now (the latest claimed, should an expired lease linger)."""
-        return self._job("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at DESC LIMIT 1", {})
-
     def running_jobs(self) -> list[Job]:
         """Every job being protected now, the latest claimed first: one per engine at work."""
         rows = self._rows("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at DESC", {})

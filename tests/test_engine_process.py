@@ -166,7 +166,7 @@ def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, syst
         wait_ready(systemd)
         originals = {"a.png": save_painting(root / "inbox" / "a.png", seed=2),
                      "sub/b.png": save_painting(root / "inbox" / "sub" / "b.png", seed=3)}
-        running = wait_for(lambda: (job := store.running()) and job.progress_step and job, "a job mid-way")
+        running = wait_for(lambda: (jobs := store.running_jobs()) and jobs[0].progress_step and jobs[0], "a job mid-way")
         victim = store.processes()[ENGINE]["pid"]
         os.kill(victim, signal.SIGKILL)  # the OOM killer, a driver crash...
 

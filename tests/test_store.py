@@ -176,7 +176,8 @@ def test_claim_finish_and_progress(store: JobStore, inbox: Path) -> None:
     assert (job.id, job.state, job.attempts, job.owner) == (queued.id, "running", 1, "engine-1")
     assert store.claim("engine-2", 60) is None
     assert store.heartbeat(job.id, "engine-1", 60, step=3, total=10)
-    assert (store.running().progress_step, store.running().progress_total) == (3, 10)
+    (running,) = store.running_jobs()
+    assert (running.progress_step, running.progress_total) == (3, 10)
     assert store.finish(job.id, "engine-1", "/export/a.png", {"gain": 1.4})
     done = store.get(job.id)
     assert done.state == "done" and done.metrics == {"gain": 1.4} and done.owner is None
