@@ -83,7 +83,7 @@ devices = [{devices}]
                     raise RuntimeError(f"fixative run exited {daemon.returncode}: {(root / 'run.log').read_text()[-2000:]}")
                 if store is None and (root / "state" / "jobs.db").exists():
                     store = JobStore(root / "state" / "jobs.db")
-                if store is not None and store.counts()["done"] + store.counts()["failed"] == images:
+                if store is not None and (counts := store.counts())["done"] + counts["failed"] == images:
                     break
             jobs = store.jobs(limit=images)
             failed = [job for job in jobs if job.state != "done"]
