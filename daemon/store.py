@@ -389,17 +389,42 @@ class JobStore:
                     WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND attempts >= :max{skip_locked})""",
                 params,
             )
-            rows = self._rows(
-                f"""UPDATE jobs SET state = 'running', owner = :owner, engine = :engine, lease_expires = :expires,
-                           attempts = attempts + 1, started_at = :now, updated_at = :now,
-                           progress_step = NULL, progress_total = NULL
-                    WHERE id = (SELECT id FROM jobs
-                                WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now)
-                                ORDER BY id LIMIT 1{skip_locked})
-                    RETURNING *""",
-                params,
-            )
-        return Job.from_row(rows[0]) if rows else None
+            jobs = self._take("", 1, params)
+        return jobs[0] if jobs else None
+
+    def claim_more(self, owner: str, lease_seconds: float, fingerprint: str, limit: int,
+                   engine: str | None = None) -> list[Job]:
+        """Take up to ``limit`` more queued jobs with ``fingerprint`` for ``owner``, oldest first, each with its own lease.
+
+        For an engine that protects several images as one batch (``[engine]
+        batch_size``) once :meth:`claim` gave it one: the same settings, so one
+        model and one set of options serve them all. It takes what is queued
+        now, possibly nothing: a batch is never waited for. Each job's attempt
+        is counted as in :meth:`claim`, and every rule of a lease applies to
+        each alone (heartbeat, release, release_owner, expiry).
+        """
+        if limit < 1:
+            return []
+        now = time.time()
+        params = {"now": now, "owner": owner, "expires": now + lease_seconds, "max": self.max_attempts,
+                  "engine": engine, "fingerprint": fingerprint}
+        with self._write():
+            # attempts < max: a job whose last attempt failed since claim()'s sweep is left for the next sweep to fail.
+            return self._take("AND fingerprint = :fingerprint AND attempts < :max", limit, params)
+
+    def _take(self, where: str, limit: int, params: dict[str, Any]) -> list[Job]:
+        """Lease the oldest ``limit`` queued jobs that are due and match ``where``; inside a write transaction."""
+        rows = self._rows(
+            f"""UPDATE jobs SET state = 'running', owner = :owner, engine = :engine, lease_expires = :expires,
+                       attempts = attempts + 1, started_at = :now, updated_at = :now,
+                       progress_step = NULL, progress_total = NULL
+                WHERE id IN (SELECT id FROM jobs
+                             WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now) {where}
+                             ORDER BY id LIMIT :limit{self.backend.skip_locked})
+                RETURNING *""",
+            {**params, "limit": limit},
+        )
+        return sorted((Job.from_row(row) for row in rows), key=lambda job: job.id)
 
     def heartbeat(
         self, job_id: int, owner: str, lease_seconds: float, step: int | None = None, total: int | None = None

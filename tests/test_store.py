@@ -184,6 +184,45 @@ def test_claim_finish_and_progress(store: JobStore, inbox: Path) -> None:
     assert store.throughput()["done"] == 1
 
 
+def test_claim_more_takes_queued_jobs_of_the_same_settings_each_with_its_own_lease(store: JobStore, inbox: Path) -> None:
+    """[engine] batch_size: the jobs a batch adds to a claim (daemon.worker)."""
+    other = OPTIONS.model_copy(update={"steps": 7})
+    ids = [store.enqueue(drop(inbox, name, name.encode()), options).id
+           for name, options in (("a.png", OPTIONS), ("b.png", other), ("c.png", OPTIONS), ("d.png", OPTIONS),
+                                 ("e.png", OPTIONS))]
+    backing_off = store.claim("engine", 60)
+    store.fail(backing_off.id, "engine", "a transient failure", permanent=False, retry_after_seconds=60)
+    more = store.claim_more("engine", 60, OPTIONS.fingerprint(), 5, engine="engine cpu@a")
+    # Same settings only (not b), due only (not a, backing off), at most what is queued now (never waits).
+    assert [job.id for job in more] == ids[2:]
+    assert all((job.state, job.attempts, job.owner, job.engine) == ("running", 1, "engine", "engine cpu@a")
+               for job in more)
+    assert store.claim_more("engine", 60, OPTIONS.fingerprint(), 5) == []
+    assert len(store.running_jobs()) == 3
+    first, more = more[0], more[1:]
+
+    # Each lease stands alone: released, renewed and finished one by one.
+    assert store.release(more[0].id, "engine") and store.get(more[0].id).attempts == 0
+    assert store.heartbeat(more[1].id, "engine", 60, step=1, total=2)
+    assert store.finish(more[1].id, "engine", "/export/e.png", {})
+    assert store.get(first.id).state == "running"
+    # A dead engine's batch comes back whole.
+    assert store.release_owner("engine", "the engine died")
+    assert {store.get(job_id).state for job_id in (first.id, more[0].id)} == {"queued"}
+
+
+def test_claim_more_takes_no_more_than_asked_nor_a_job_out_of_attempts(store: JobStore, inbox: Path) -> None:
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        store.enqueue(drop(inbox, name, name.encode()), OPTIONS)
+    for _ in range(3):  # a fails on its last attempt: queued, until the next claim() fails it for good
+        job = store.claim("engine", 60)
+        assert store.fail(job.id, "engine", "a transient failure", permanent=False)
+    assert (store.get(job.id).state, store.get(job.id).attempts) == ("queued", 3)
+    assert [more.relative_path for more in store.claim_more("engine", 60, OPTIONS.fingerprint(), 2)] == ["b.png", "c.png"]
+    assert store.claim_more("engine", 60, OPTIONS.fingerprint(), 0) == []
+    assert store.counts()["queued"] == 2
+
+
 def test_expired_lease_is_requeued_and_the_old_owner_is_locked_out(store: JobStore, inbox: Path) -> None:
     store.enqueue(drop(inbox, "a.png"), OPTIONS)
     lost = store.claim("killed-engine", lease_seconds=-1)  # already expired: the engine died
@@ -357,6 +396,24 @@ def test_sixteen_claimers_with_a_store_each_take_every_job_once(store: JobStore,
         while (job := mine.claim(f"engine-{n}", 60)) is not None:
             claimed.append(job.id)
             assert mine.finish(job.id, f"engine-{n}", f"/export/{job.id}.png", {})
+        mine.close()
+        return claimed
+
+    with ThreadPoolExecutor(16) as pool:
+        claimed = [job_id for ids_of_one in pool.map(drain, range(16)) for job_id in ids_of_one]
+    assert sorted(claimed) == sorted(ids) and store.counts()["done"] == 64
+
+
+def test_batches_claimed_at_once_by_sixteen_claimers_hold_every_job_once(store: JobStore, inbox: Path) -> None:
+    # claim_more under contention: SKIP LOCKED on PostgreSQL, one writer at a time on SQLite.
+    ids = {store.enqueue(drop(inbox, f"{i}.png", str(i).encode()), OPTIONS).id for i in range(64)}
+
+    def drain(n: int) -> list[int]:
+        mine, claimed = JobStore(store.location), []
+        while (job := mine.claim(f"engine-{n}", 60)) is not None:
+            batch = [job, *mine.claim_more(f"engine-{n}", 60, job.fingerprint, 3)]
+            claimed += [each.id for each in batch]
+            assert all(mine.finish(each.id, f"engine-{n}", f"/export/{each.id}.png", {}) for each in batch)
         mine.close()
         return claimed
 
