@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def step(where, x_in):
-        transform = PublishingTransform(options.seed) if options.robust else None
-        generator = torch.Generator().manual_seed(options.seed)
-        run_pgd(attack, x_in, where, eps, alpha, 1, generator, None, transform)
+        transforms = [PublishingTransform(options.seed)] if options.robust else None
+        generators = [torch.Generator().manual_seed(options.seed)]
+        run_pgd(attack, x_in, [where], eps, alpha, 1, generators, None, transforms)
 
     @torch.no_grad()
     def encode_batch(images):

@@ -53,29 +53,32 @@ VARIANTS = "fine,coarse25,coarse50,coarse75,reuse2,reuse4"
 
 
 def reusing(every: int):
-    """The sds attack's loop, with the encoder's forward run every ``every`` steps (its graph kept in between)."""
+    """The sds attack's loop for one image, with the encoder's forward run every ``every`` steps (its graph kept in between).
 
-    def run(attack, x_work, geometry, eps, alpha, steps, generator, progress=None, transform=None, start=None):
+    It takes engine.pgd.run_pgd's arguments (a list entry per image) and runs in its place.
+    """
+
+    def run(attack, x_work, geometries, eps, alpha, steps, generators, progress=None, transforms=None, start=None):
         import torch
 
         from fixative.engine.attacks.sds import SDS
-        from fixative.engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode
+        from fixative.engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode, latent_noise
         from fixative.engine.pgd import perturbed, random_start, sign_step
 
         if not isinstance(attack, SDS):
             raise SystemExit("reuseK is written for the sds attack")
         model = attack.model
-        delta = random_start(x_work, eps, generator) if start is None else start
+        delta = random_start(x_work, eps, generators) if start is None else start
         direction = 1.0 if attack.maximize else -1.0
         accumulated = torch.zeros_like(delta)
         for step in range(steps):
             if step % every == 0:
                 leaf = delta.detach().requires_grad_(True)
-                mean, std = encode(model, perturbed(x_work, leaf, geometry, transform, generator))
+                mean, std = encode(model, perturbed(x_work, leaf, geometries, transforms, generators))
             # The same draws, in the same order, as the SDS attack's: reuse1 is the engine's loop.
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            noise = latent_noise(mean, generators)
             z = (mean + std * noise).detach()
-            t, eps_draw = draw_timesteps_and_noise(model, z, attack.samples, generator)
+            t, eps_draw = draw_timesteps_and_noise(model, z, attack.samples, generators)
             with torch.no_grad():
                 residual = denoiser_residual(model, z, t, eps_draw).mean(dim=0, keepdim=True)
             last_of_graph = step % every == every - 1 or step == steps - 1
@@ -151,15 +154,15 @@ def cost(args) -> None:
         )
 
     def seconds_per_step(name: str, steps: int) -> float:
-        transform = PublishingTransform(options.seed) if options.robust else None
-        generator = torch.Generator().manual_seed(options.seed)
+        transforms = [PublishingTransform(options.seed)] if options.robust else None
+        generators = [torch.Generator().manual_seed(options.seed)]
         started = time.perf_counter()
         if name == "reference":
             reference.protect(reference_model, geometry.pad(x), steps, eps, alpha, options.seed)
         else:
             loop = run_pgd if name in ("fine", "half") else variant(name)[1]
             where, x_in = (coarse, coarse.down(x)) if name == "half" else (geometry, x)
-            loop(attack, x_in, where, eps, alpha, steps, generator, None, transform)
+            loop(attack, x_in, [where], eps, alpha, steps, generators, None, transforms)
         return (time.perf_counter() - started) / steps
 
     print(f"{args.size}x{args.size} (half: {coarse.work[1]}x{coarse.work[0]}), mode {options.mode}, robust {options.robust}, "

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
 
     def seconds_per_step(robust: bool, steps: int) -> float:
-        transform = PublishingTransform(options.seed) if robust else None
-        generator = torch.Generator().manual_seed(options.seed)
+        transforms = [PublishingTransform(options.seed)] if robust else None
+        generators = [torch.Generator().manual_seed(options.seed)]
         started = time.perf_counter()
-        run_pgd(attack, x, geometry, eps, alpha, steps, generator, None, transform)
+        run_pgd(attack, x, [geometry], eps, alpha, steps, generators, None, transforms)
         return (time.perf_counter() - started) / steps
 
     print(f"{args.size}x{args.size}, mode {options.mode}, UNet {model.dtype}, VAE {model.vae.dtype}, "

@@ -50,37 +50,41 @@ APGD_MOMENTUM = 0.75  # Croce & Hein's alpha
 APGD_RHO = 0.75
 
 
-def _start(x_work, eps, generator):
+def _start(x_work, eps, generators):
     """The engine's random start (same draw, so every rule starts where the engine does)."""
     from fixative.engine.pgd import random_start
 
-    return random_start(x_work, eps, generator)
+    return random_start(x_work, eps, generators)
 
 
-def _gradient(attack, x_work, delta, geometry, transform, generator):
-    """(gradient of the objective, loss) at ``delta``, through one draw of the publishing pipeline."""
+def _gradient(attack, x_work, delta, geometries, transforms, generators):
+    """(gradient of the objective, loss) at ``delta``, through one draw of the publishing pipeline.
+
+    For one image: the rules below run in the engine's place (engine.pgd.run_pgd's
+    arguments, a list entry per image), one image at a time.
+    """
     import torch
 
     from fixative.engine.pgd import perturbed
 
     delta = delta.detach().requires_grad_(True)
-    objective, loss = attack(perturbed(x_work, delta, geometry, transform, generator), generator)
-    (gradient,) = torch.autograd.grad(objective, delta)
-    return gradient, float(loss)
+    objective, loss = attack(perturbed(x_work, delta, geometries, transforms, generators), generators)
+    (gradient,) = torch.autograd.grad(objective.sum(), delta)
+    return gradient, float(loss.mean())
 
 
 def decaying(shape: str):
     """Sign steps whose size decays from strength/2 levels to ``alpha`` (linear or half-cosine)."""
 
-    def run(attack, x_work, geometry, eps, alpha, steps, generator, progress=None, transform=None):
-        delta = _start(x_work, eps, generator)
+    def run(attack, x_work, geometries, eps, alpha, steps, generators, progress=None, transforms=None):
+        delta = _start(x_work, eps, generators)
         sign = 1.0 if attack.maximize else -1.0
         first = max(eps / 2, alpha)
         for step in range(steps):
             fraction = step / max(steps - 1, 1)
             weight = 1 - fraction if shape == "linear" else (1 + math.cos(math.pi * fraction)) / 2
             size = alpha + (first - alpha) * weight
-            gradient, _ = _gradient(attack, x_work, delta, geometry, transform, generator)
+            gradient, _ = _gradient(attack, x_work, delta, geometries, transforms, generators)
             delta = (delta + sign * size * gradient.sign()).clamp_(-eps, eps)
         return delta
 
@@ -95,8 +99,8 @@ def apgd_checkpoints(steps: int) -> set[int]:
     return {math.ceil(q * steps) for q in p[1:] if math.ceil(q * steps) < steps}
 
 
-def apgd(attack, x_work, geometry, eps, alpha, steps, generator, progress=None, transform=None):
-    delta = _start(x_work, eps, generator)
+def apgd(attack, x_work, geometries, eps, alpha, steps, generators, progress=None, transforms=None):
+    delta = _start(x_work, eps, generators)
     sign = 1.0 if attack.maximize else -1.0
     size = 2 * eps
     checkpoints = apgd_checkpoints(steps)
@@ -105,7 +109,7 @@ def apgd(attack, x_work, geometry, eps, alpha, steps, generator, progress=None, 
     raised = since = 0
     size_then, best_then = size, best
     for step in range(steps):
-        gradient, loss = _gradient(attack, x_work, delta, geometry, transform, generator)
+        gradient, loss = _gradient(attack, x_work, delta, geometries, transforms, generators)
         value = sign * loss
         raised, since, last = raised + (value > last), since + 1, value
         if value > best:

@@ -106,7 +106,7 @@ def protection_figures(model: LoadedModel, original: torch.Tensor, protected: to
     generator = torch.Generator(model.device).manual_seed(GAIN_SEED)
     mean, std = encode(model, torch.cat([original, protected]))
     noise = torch.randn(mean[:1].shape, generator=generator, device=mean.device)
-    t, eps = draw_timesteps_and_noise(model, mean[:1], GAIN_SAMPLES, generator)
+    t, eps = draw_timesteps_and_noise(model, mean[:1], GAIN_SAMPLES, [generator])
     losses = []
     for i in range(2):
         z = mean[i : i + 1] + std[i : i + 1] * noise

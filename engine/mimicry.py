@@ -227,7 +227,7 @@ def denoising_losses(model: LoadedModel, latents: torch.Tensor, progress: Progre
     losses = []
     for i, z in enumerate(latents):
         generator = torch.Generator(model.device).manual_seed(SAMPLE_SEED + i)
-        t, eps = draw_timesteps_and_noise(model, z[None], LOSS_SAMPLES, generator)
+        t, eps = draw_timesteps_and_noise(model, z[None], LOSS_SAMPLES, [generator])
         squares = [denoiser_residual(model, z[None], t[j : j + 4], eps[j : j + 4]).square() for j in range(0, LOSS_SAMPLES, 4)]
         losses.append(torch.cat(squares).mean().item())
         if progress:

@@ -21,6 +21,13 @@ full-size one at SD-1.5 scale (the encoder's and the UNet's work fall with the
 pixel count); the perturbation is then carried up to the working size and
 refined there, the momentum starting afresh. engine.protect runs the two
 stages; bench/README.md ("Coarse to fine") has the measurements.
+
+A batch (``engine.protect.protect_batch``) is N images of one working size,
+one per row, each with its own generator, publishing transform and geometry.
+Everything that mixes numbers across pixels is done per row: the random draws,
+the EOT transform, the script's view of the perturbation, the momentum's
+normalisation, and the objective is a sum of the rows' own objectives, so each
+row's gradient, and its result, is what it would be alone.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from fixative.engine.geometry import Geometry
 from fixative.engine.options import EngineOptions
 
 Progress = Callable[[int, int, float], None]
-Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # one image (1, 3, h, w) at a time
 PROGRESS_INTERVAL_SECONDS = 0.5
 MOMENTUM = 0.9  # Dong et al.'s decay factor mu; 0 gives plain sign steps
 COARSE_SHARE = 0.5  # of the steps, run at half the working side (coarse to fine; bench/README.md)
@@ -43,25 +50,29 @@ COARSE_SHARE = 0.5  # of the steps, run at half the working side (coarse to fine
 class Attack(Protocol):
     maximize: bool
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(self, x: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def perturbed(
     x_work: torch.Tensor,
     delta: torch.Tensor,
-    geometry: Geometry,
-    transform: Transform | None = None,
-    generator: torch.Generator | None = None,
+    geometries: list[Geometry],
+    transforms: list[Transform] | None = None,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """The padded model input for a perturbation: what a fine-tuning script would feed the model.
+    """The padded model inputs for a batch's perturbations: what a fine-tuning script would feed the model.
 
-    With a ``transform`` (``engine.transforms.PublishingTransform``), the image
-    first goes through one random draw of the publishing pipeline (EOT).
+    Row by row: each image's own geometry (the rows share a working size, not
+    necessarily a full one) and, with ``transforms``
+    (``engine.transforms.PublishingTransform``), its own random draw of the
+    publishing pipeline (EOT), which may be a different JPEG quality or
+    downscale for every row.
     """
-    image = (x_work + geometry.seen(delta)).clamp(-1, 1)
-    if transform is not None:
-        image = transform(image, generator)
-    return geometry.pad(image)
+    rows = range(len(geometries))
+    image = (x_work + torch.cat([geometries[i].seen(delta[i : i + 1]) for i in rows])).clamp(-1, 1)
+    if transforms is not None:
+        image = torch.cat([transforms[i](image[i : i + 1], generators[i]) for i in rows])
+    return geometries[0].pad(image)
 
 
 def coarse_steps(options: EngineOptions) -> int:
@@ -77,45 +88,57 @@ def coarse_steps(options: EngineOptions) -> int:
     return min(int(COARSE_SHARE * options.steps), options.steps - 1)
 
 
-def random_start(like: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
-    """Uniform in the ball, as in Madry et al. and Mist."""
-    return (torch.rand(like.shape, generator=generator, device=like.device) * 2 - 1) * eps
+def random_start(like: torch.Tensor, eps: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """Uniform in the ball, as in Madry et al. and Mist; row i drawn from ``generators[i]``."""
+    rows = [torch.rand((1, *like.shape[1:]), generator=generator, device=like.device) for generator in generators]
+    return (torch.cat(rows) * 2 - 1) * eps
 
 
 def sign_step(
     delta: torch.Tensor, accumulated: torch.Tensor, gradient: torch.Tensor, direction: float, alpha: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MI-FGSM step: (new delta, new accumulated gradient). ``direction`` is +1 to ascend, -1 to descend."""
-    # Normalised so that every step's draw weighs alike, however steep its landscape.
-    accumulated = MOMENTUM * accumulated + gradient / gradient.abs().mean().clamp_min(1e-12)
+    """One MI-FGSM step for a batch (N, 3, h, w): (new delta, new accumulated gradient).
+
+    ``direction`` is +1 to ascend, -1 to descend.
+    """
+    # Normalised so that every step's draw weighs alike, however steep its landscape;
+    # per image, or one steep image in a batch would drown its neighbours' steps.
+    scale = gradient.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    accumulated = MOMENTUM * accumulated + gradient / scale
     return (delta + direction * alpha * accumulated.sign()).clamp_(-eps, eps), accumulated
 
 
 def run_pgd(
     attack: Attack,
     x_work: torch.Tensor,
-    geometry: Geometry,
+    geometries: list[Geometry],
     eps: float,
     alpha: float,
     steps: int,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     progress: Progress | None = None,
-    transform: Transform | None = None,
+    transforms: list[Transform] | None = None,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return the perturbation (fp32, working size) after ``steps`` PGD steps from ``start`` (default: a random start)."""
-    delta = random_start(x_work, eps, generator) if start is None else start
+    """Return the perturbations (fp32, working size, a row per image) after ``steps`` PGD steps from ``start``.
+
+    ``x_work`` holds the batch's images, a row each, and ``geometries``,
+    ``generators`` and ``transforms`` one per row. ``start`` defaults to a
+    random start. ``progress`` gets the mean of the rows' losses.
+    """
+    delta = random_start(x_work, eps, generators) if start is None else start
     direction = 1.0 if attack.maximize else -1.0
     accumulated = torch.zeros_like(delta)
     last_report = time.monotonic()
     for step in range(1, steps + 1):
         delta.requires_grad_(True)
-        objective, loss = attack(perturbed(x_work, delta, geometry, transform, generator), generator)
-        (gradient,) = torch.autograd.grad(objective, delta)
+        objective, loss = attack(perturbed(x_work, delta, geometries, transforms, generators), generators)
+        # A row's objective depends on that row alone, so the sum's gradient is each row's own.
+        (gradient,) = torch.autograd.grad(objective.sum(), delta)
         with torch.no_grad():
             delta, accumulated = sign_step(delta, accumulated, gradient, direction, alpha, eps)
         # Reading the loss forces a device sync, so report at most twice a second.
         if progress is not None and (step == steps or time.monotonic() - last_report >= PROGRESS_INTERVAL_SECONDS):
-            progress(step, steps, float(loss))
+            progress(step, steps, float(loss.mean()))
             last_report = time.monotonic()
     return delta.detach()

@@ -1,9 +1,11 @@
-"""Protect one image: the engine's single entry point.
+"""Protect an image, or a batch of them: the engine's single entry point.
 
 An image file and options go in; the protected file's bytes and a report come
-out. Nothing here knows where the bytes will be written: the CLI writes them
-next to a chosen folder, the daemon writes them atomically into its export
-folder.
+out. Several images of one working size can be protected as one batch
+(:func:`protect_batch`), one PGD step for all of them at a time, which keeps a
+GPU busier; an image alone is a batch of one. Nothing here knows where the
+bytes will be written: the CLI writes them next to a chosen folder, the daemon
+writes them atomically into its export folder.
 
 The steps:
 1. read the image (orientation applied, alpha and metadata set aside);
@@ -68,6 +70,22 @@ def protect_bytes(
     return protect_image(decode_image(data, name), model, options, progress)
 
 
+def _memory_shortage(error: Exception) -> str | None:
+    """Why, when ``error`` is torch's or numpy's way of running out of memory; None for any other error."""
+    if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and not (
+        # The CPU allocator's failure is a plain RuntimeError: only its message tells.
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    ):
+        return None
+    return str(error).splitlines()[0].split("DefaultCPUAllocator: ")[-1]  # after "[enforce fail at ...]"
+
+
+def _out_of_memory(sources: list[SourceImage], model: LoadedModel, reason: str) -> OutOfMemory:
+    sizes = [f"{source.rgb.shape[1]}x{source.rgb.shape[0]}" for source in sources]
+    images = f"this {sizes[0]} image" if len(sizes) == 1 else f"a batch of {len(sizes)} images ({', '.join(sizes)})"
+    return OutOfMemory(f"out of memory protecting {images} on {model.device}: {reason}")
+
+
 def _out_of_memory_is_an_engine_error(protect):
     """Turn torch's and numpy's ways of running out of memory into :class:`OutOfMemory`.
 
@@ -78,40 +96,42 @@ def _out_of_memory_is_an_engine_error(protect):
     """
 
     @functools.wraps(protect)
-    def protect_or_explain(source, model, options, progress=None):
+    def protect_or_explain(sources, model, options, progress=None):
         try:
-            return protect(source, model, options, progress)
+            return protect(sources, model, options, progress)
         except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
-            # The CPU allocator's failure is a plain RuntimeError: only its message tells.
-            if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(error):
+            reason = _memory_shortage(error)
+            if reason is None:
                 raise
-            reason = str(error).splitlines()[0].split("DefaultCPUAllocator: ")[-1]  # after "[enforce fail at ...]"
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
-        height, width = source.rgb.shape[:2]
-        raise OutOfMemory(f"out of memory protecting this {width}x{height} image on {model.device}: {reason}")
+        raise _out_of_memory(sources, model, reason)
 
     return protect_or_explain
 
 
 def perturbation(
-    model: LoadedModel, options: EngineOptions, geometry: Geometry, x_work: torch.Tensor, progress: Progress | None
+    model: LoadedModel, options: EngineOptions, geometries: list[Geometry], x_work: torch.Tensor, progress: Progress | None
 ) -> torch.Tensor:
-    """Step 3: the PGD perturbation at the working size, coarse steps first (``engine.pgd``, coarse to fine)."""
+    """Step 3: the PGD perturbations at the working size, a row per image, coarse steps first (``engine.pgd``)."""
     # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
     eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
-    generator = torch.Generator(model.device).manual_seed(options.seed)
-    transform = PublishingTransform(options.seed) if options.robust else None
+    # Every image its own random streams, seeded as if it were alone: every draw
+    # (random start, EOT, posterior noise, t and eps) is then the one it would get
+    # alone, whatever else is in its batch.
+    generators = [torch.Generator(model.device).manual_seed(options.seed) for _ in geometries]
+    transforms = [PublishingTransform(options.seed) for _ in geometries] if options.robust else None
     coarse = coarse_steps(options)
     start = None
     if coarse:
-        half = geometry.halved(model.size_multiple)
+        half = geometries[0].halved(model.size_multiple)  # the same for every row: a batch shares its working size
         attack = ATTACKS[options.mode](model, options, (1, 3, *half.padded))
-        delta = run_pgd(attack, half.down(x_work), half, eps, alpha, coarse, generator, _counted(progress, 0, options.steps), transform)
+        progressed = _counted(progress, 0, options.steps)
+        delta = run_pgd(attack, half.down(x_work), [half] * len(geometries), eps, alpha, coarse, generators, progressed, transforms)
         start = half.up(delta)
-    attack = ATTACKS[options.mode](model, options, (1, 3, *geometry.padded))
+    attack = ATTACKS[options.mode](model, options, (1, 3, *geometries[0].padded))
     fine = options.steps - coarse
-    return run_pgd(attack, x_work, geometry, eps, alpha, fine, generator, _counted(progress, coarse, options.steps), transform, start)
+    return run_pgd(attack, x_work, geometries, eps, alpha, fine, generators, _counted(progress, coarse, options.steps), transforms, start)
 
 
 def _counted(progress: Progress | None, before: int, total: int) -> Progress | None:
@@ -121,23 +141,86 @@ def _counted(progress: Progress | None, before: int, total: int) -> Progress | N
     return lambda step, _stage_total, loss: progress(before + step, total, loss)
 
 
-@_out_of_memory_is_an_engine_error
+def _geometry(source: SourceImage, model: LoadedModel) -> Geometry:
+    return Geometry.plan(*source.rgb.shape[:2], model.resolution, model.size_multiple)
+
+
+def batch_key(source: SourceImage, model: LoadedModel) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Images batch together only when their keys are equal: the same working and padded size.
+
+    Their full sizes may differ (a 400x300 and an 800x600 image both work at
+    the same size); each row keeps its own geometry.
+    """
+    geometry = _geometry(source, model)
+    return geometry.work, geometry.padded
+
+
 def protect_image(
     source: SourceImage, model: LoadedModel, options: EngineOptions, progress: Progress | None = None
 ) -> Protected:
     """Steps 2-5 of the module docstring, on an image already decoded (see protect_file, protect_bytes).
 
-    Running out of memory on the device or the CPU raises engine.errors.OutOfMemory (the decorator).
+    A batch of one (:func:`protect_batch`), so that protecting an image alone
+    and in a batch cannot drift apart. Running out of memory on the device or
+    the CPU raises engine.errors.OutOfMemory.
+    """
+    (result,) = protect_batch([source], model, options, progress)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+@_out_of_memory_is_an_engine_error
+def protect_batch(
+    sources: list[SourceImage], model: LoadedModel, options: EngineOptions, progress: Progress | None = None
+) -> list[Protected | Exception]:
+    """Protect images of one :func:`batch_key` as one batch per PGD step: a result or an error per image, in order.
+
+    Each image gets the output it would get alone, up to the kernels' rounding
+    (tests/test_batching.py). Running out of memory before or in the shared PGD
+    raises engine.errors.OutOfMemory for the whole batch (the caller may retry
+    the images one at a time); a failure after it that belongs to one image
+    (encoding, the report, its own memory) is returned in that image's place and
+    leaves the others alone. ``progress(step, total, loss)`` is the batch's, with
+    the mean of the images' losses. Raises ValueError if the keys differ.
     """
     started = time.perf_counter()
-    height, width = source.rgb.shape[:2]
-    geometry = Geometry.plan(height, width, model.resolution, model.size_multiple)
-    x_work = geometry.down_image(source.rgb).to(model.device)
+    if len({batch_key(source, model) for source in sources}) != 1:
+        raise ValueError("protect_batch needs images of one batch_key (the same working size)")
+    geometries = [_geometry(source, model) for source in sources]
+    x_work = torch.cat([geometry.down_image(source.rgb) for geometry, source in zip(geometries, sources)]).to(model.device)
 
     pgd_started = time.perf_counter()
-    delta = perturbation(model, options, geometry, x_work, progress)
-    pgd_seconds = time.perf_counter() - pgd_started
+    deltas = perturbation(model, options, geometries, x_work, progress)
+    # The batch's shared work, shared out: each image's report counts its part.
+    pgd_seconds = (time.perf_counter() - pgd_started) / len(sources)
+    shared_seconds = (time.perf_counter() - started) / len(sources)
 
+    results: list[Protected | Exception] = []
+    for i, (source, geometry) in enumerate(zip(sources, geometries)):
+        finishing = time.perf_counter()
+        try:
+            protected = _finished(source, model, options, geometry, x_work[i : i + 1], deltas[i : i + 1])
+        except Exception as error:  # this image's own failure: the others' results stand
+            reason = _memory_shortage(error)
+            results.append(error if reason is None else _out_of_memory([source], model, reason))
+            continue
+        protected.report.update(
+            seconds=round(shared_seconds + time.perf_counter() - finishing, 3),
+            seconds_per_step=round(pgd_seconds / options.steps, 4),
+            batch_size=len(sources),
+        )
+        results.append(protected)
+    if model.device.type == "cuda" and any(isinstance(result, OutOfMemory) for result in results):
+        torch.cuda.empty_cache()
+    return results
+
+
+def _finished(
+    source: SourceImage, model: LoadedModel, options: EngineOptions, geometry: Geometry, x_work: torch.Tensor, delta: torch.Tensor
+) -> Protected:
+    """Steps 4-5 for one image of a batch: its saved file, read back and measured (the times are added by the caller)."""
+    height, width = source.rgb.shape[:2]
     protected_rgb = geometry.perturb(source.rgb, delta, float(options.strength))
     data = encode_image(protected_rgb, source, options.format, options.quality)
     del protected_rgb  # the saved file, read back, is what gets measured
@@ -176,8 +259,6 @@ def protect_image(
         "size": [width, height],
         "working_size": [geometry.work[1], geometry.work[0]],
         "format": options.format,
-        "seconds": round(time.perf_counter() - started, 3),
-        "seconds_per_step": round(pgd_seconds / options.steps, 4),
         "psnr": round(psnr(source.rgb, saved), 2),
         "ssim": round(ssim(source.rgb, saved), 4),
         "max_delta": max_delta(source.rgb, saved),

@@ -28,9 +28,9 @@ class AdvDM:
         self.samples = options.samples_per_step
         self.split_backward = options.low_vram
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         def loss(mean: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
+            t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generators)
             return diffusion_loss(self.model, z, t, eps)
 
-        return latent_objective(self.model, x, generator, loss, self.split_backward)
+        return latent_objective(self.model, x, generators, loss, self.split_backward)

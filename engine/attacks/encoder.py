@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fixative.engine.diffusion import encode
+from fixative.engine.diffusion import encode, row_means
 from fixative.engine.model import LoadedModel
 from fixative.engine.options import EngineOptions
 from fixative.engine.texture import target_latent
@@ -24,7 +24,7 @@ class EncoderAttack:
         self.model = model
         self.target = target_latent(model, options.target, input_shape)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         mean, _ = encode(self.model, x)
-        distance = (mean - self.target).square().mean()
+        distance = row_means((mean - self.target).square())  # the target's one latent, broadcast over the rows
         return distance, distance.detach()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fixative.engine.diffusion import diffusion_loss, draw_timesteps_and_noise, latent_objective
+from fixative.engine.diffusion import diffusion_loss, draw_timesteps_and_noise, latent_objective, row_means
 from fixative.engine.model import LoadedModel
 from fixative.engine.options import EngineOptions
 from fixative.engine.texture import target_latent
@@ -32,9 +32,10 @@ class Mist:
         self.target = target_latent(model, options.target, input_shape)
         self.split_backward = options.low_vram
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         def objective(mean: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
-            return diffusion_loss(self.model, z, t, eps) - self.weight * (mean - self.target).square().mean()
+            t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generators)
+            # The target's one latent is broadcast over the rows.
+            return diffusion_loss(self.model, z, t, eps) - self.weight * row_means((mean - self.target).square())
 
-        return latent_objective(self.model, x, generator, objective, self.split_backward)
+        return latent_objective(self.model, x, generators, objective, self.split_backward)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fixative.engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode, sample_latent
+from fixative.engine.diffusion import denoiser_residual, draw_timesteps_and_noise, encode, row_means, row_sums, sample_latent
 from fixative.engine.model import LoadedModel
 from fixative.engine.options import EngineOptions
 
@@ -31,11 +31,11 @@ class SDS:
         self.samples = options.samples_per_step
         self.maximize = options.sds_direction == "maximize"
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std = encode(self.model, x)
-        z = sample_latent(mean, std, generator)
-        t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generator)
+        z = sample_latent(mean, std, generators)
+        t, eps = draw_timesteps_and_noise(self.model, z, self.samples, generators)
         with torch.no_grad():
-            residual = denoiser_residual(self.model, z, t, eps)
-        surrogate = (z * residual.mean(dim=0, keepdim=True)).sum()
-        return surrogate, residual.square().mean()
+            residual = denoiser_residual(self.model, z, t, eps).unflatten(0, (len(z), -1))  # (N, samples, C, H, W)
+        surrogate = row_sums(z * residual.mean(dim=1))
+        return surrogate, row_means(residual.square())
