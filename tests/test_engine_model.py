@@ -194,16 +194,25 @@ ICE_LAKE_FLAGS = "flags\t\t: fpu sse sse2 avx2 avx512f avx512bw avx512_vnni avx5
 
 
 @pytest.mark.parametrize(
-    ("cpuinfo", "vae_dtype"),
+    ("cpuinfo", "mode", "vae_dtype", "unet_dtype"),
     [
-        (ZEN4_FLAGS, torch.bfloat16),
-        (SAPPHIRE_RAPIDS_FLAGS, torch.bfloat16),
-        (ICE_LAKE_FLAGS, torch.float32),
-        (None, torch.float32),  # no /proc/cpuinfo (not Linux): stay in fp32
+        (ZEN4_FLAGS, "sds", torch.bfloat16, torch.bfloat16),  # the default mode runs the UNet forward only
+        (ZEN4_FLAGS, "encoder", torch.bfloat16, torch.bfloat16),
+        (ZEN4_FLAGS, "advdm", torch.bfloat16, torch.float32),  # differentiates through the UNet
+        (SAPPHIRE_RAPIDS_FLAGS, "mist", torch.bfloat16, torch.float32),
+        (SAPPHIRE_RAPIDS_FLAGS, "sds", torch.bfloat16, torch.bfloat16),
+        (ICE_LAKE_FLAGS, "sds", torch.float32, torch.float32),
+        (None, "sds", torch.float32, torch.float32),  # no /proc/cpuinfo (not Linux): stay in fp32
     ],
 )
-def test_auto_dtype_on_cpu_puts_only_the_vae_in_bf16_where_the_cpu_computes_it_natively(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpuinfo: str | None, vae_dtype: torch.dtype
+def test_auto_dtype_on_cpu_uses_bf16_where_the_cpu_computes_it_natively_and_no_unet_backward_runs(
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cpuinfo: str | None,
+    mode: str,
+    vae_dtype: torch.dtype,
+    unet_dtype: torch.dtype,
 ) -> None:
     import fixative.engine.model
 
@@ -211,11 +220,12 @@ def test_auto_dtype_on_cpu_puts_only_the_vae_in_bf16_where_the_cpu_computes_it_n
     if cpuinfo is not None:
         fake.write_text("processor\t: 0\n" + cpuinfo)
     monkeypatch.setattr(fixative.engine.model, "CPUINFO", fake)
-    model = load_model(options(tiny_model))  # dtype defaults to auto
+    model = load_model(options(tiny_model, mode=mode))  # dtype defaults to auto
     assert EngineOptions().dtype == "auto"
-    # Measured on such a CPU: the VAE runs 2x faster in bf16, the UNet's backward slower.
+    # Measured on such a CPU: the VAE runs 2x faster in bf16, and the UNet's
+    # forward 1.65x faster, but its backward slower (bench/README.md, "Precision on the CPU").
     assert model.vae.dtype == vae_dtype
-    assert model.dtype == torch.float32
+    assert model.dtype == unet_dtype
 
 
 def test_assemble_model_is_the_loader_s_last_step(tiny_model: Path, fp32_model: LoadedModel) -> None:
