@@ -48,8 +48,6 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 VARIANTS = ("eager", "channels_last", "compile", "compile+channels_last")
-REPORT_EVALUATIONS = 4  # the report's gain, then after jpeg85, jpeg75 and half+jpeg75 (engine.publishing.REPORTED_PIPELINES)
-UNET_BATCHES = 8  # engine.metrics.GAIN_SAMPLES (16) x 2 images, in batches of 4
 
 
 def apply(variant: str, model, compiled: dict) -> None:
@@ -93,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     from fixative.engine.diffusion import encode
     from fixative.engine.options import EngineOptions
     from fixative.engine.pgd import coarse_steps, run_pgd
+    from fixative.engine.metrics import GAIN_SAMPLES, UNET_BATCH
+    from fixative.engine.publishing import REPORTED_PIPELINES
     from fixative.engine.transforms import PublishingTransform
     from sd15 import load_engine_model
 
@@ -111,15 +111,17 @@ def main(argv: list[str] | None = None) -> int:
 
     half = geometry.halved(model.size_multiple)
     coarse, fine = coarse_steps(options), options.steps - coarse_steps(options)
+    report_evaluations = 1 + len(REPORTED_PIPELINES)  # the report's gain, then after each reported pipeline
+    unet_batches = 2 * GAIN_SAMPLES // UNET_BATCH  # two images' samples, UNET_BATCH per forward
     original = geometry.pad(x)
-    latents = torch.randn(4, 4, *(side // 8 for side in geometry.padded))
-    timesteps = torch.randint(0, model.num_train_timesteps, (4,))
+    latents = torch.randn(UNET_BATCH, 4, *(side // 8 for side in geometry.padded))
+    timesteps = torch.randint(0, model.num_train_timesteps, (UNET_BATCH,))
     calls = {
         # name: (what one call runs, how many such calls one image makes)
         "coarse step": (lambda: step(half, half.down(x)), coarse),
         "step": (lambda: step(geometry, x), fine),
-        "encoder(2)": (lambda: encode_batch(torch.cat([original, original])), REPORT_EVALUATIONS),
-        "UNet(4)": (lambda: unet_batch(latents, timesteps), REPORT_EVALUATIONS * UNET_BATCHES),
+        "encoder(2)": (lambda: encode_batch(torch.cat([original, original])), report_evaluations),
+        "UNet(batch)": (lambda: unet_batch(latents, timesteps), report_evaluations * unet_batches),
     }
 
     def step(where, x_in):
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         })
 
     print(f"\n{args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}; per image extrapolated to "
-          f"{coarse} coarse and {fine} full-size steps and {REPORT_EVALUATIONS} report evaluations:\n")
+          f"{coarse} coarse and {fine} full-size steps and {report_evaluations} report evaluations:\n")
     print("| variant | " + " | ".join(f"{name} s" for name in calls) + " | start-up s | one image s | ten images s | vs first, one | vs first, ten |")
     print("|---" * (len(calls) + 6) + "|")
     eager = results[0]
