@@ -155,16 +155,20 @@ def load_evaluator(spec: dict, device_name: str):
 
 def evaluate(evaluator, original: np.ndarray, protected: np.ndarray) -> dict:
     """Protection gain and latent shift as the engine reports them: both images downscaled as a
-    fine-tuning script would, padded, and scored by engine.metrics.protection_figures."""
+    fine-tuning script would, padded, and scored by engine.metrics.protection_figures; and the gain
+    after Pillow's JPEG q75 (both images served alike), the copy a fine-tuner meets once posted."""
     from fixative.engine.geometry import Geometry
     from fixative.engine.metrics import as_seen, max_delta, protection_figures, psnr
+    from fixative.engine.publishing import serve
 
     height, width = original.shape[:2]
     geometry = Geometry.plan(height, width, evaluator.resolution, evaluator.size_multiple)
     seen = [as_seen(rgb, geometry, evaluator.device) for rgb in (original, protected)]
     figures = protection_figures(evaluator, *seen)
+    served = [as_seen(serve(rgb, "jpeg75"), geometry, evaluator.device) for rgb in (original, protected)]
     return {
         "protection_gain": round(figures["protection_gain"], 4),
+        "gain_after_jpeg75": round(protection_figures(evaluator, *served)["protection_gain"], 4),
         "latent_shift": round(figures["latent_shift"], 4),
         "psnr": round(psnr(original, protected), 2),
         "max_delta": max_delta(original, protected),
@@ -241,6 +245,7 @@ def aggregate(figures: list[dict]) -> dict:
         "protection_gain": round(mean, 4),
         "protection_gain_se": round(se, 4) if se is not None else None,
         "protection_gains": gains,
+        "gain_after_jpeg75": round(sum(f["gain_after_jpeg75"] for f in figures) / len(figures), 4),
         "latent_shift": round(sum(f["latent_shift"] for f in figures) / len(figures), 4),
         "psnr": round(sum(f["psnr"] for f in figures) / len(figures), 2),
         "max_delta": max(f["max_delta"] for f in figures),

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = re.compile(
-    r"^(advdm|mist|sds|encoder): \d+\.\dx faster than reference, memory \d+\.\d\dx, gain (\d+\.\d\dx|n/a) of reference$"
+    r"^(advdm|mist|sds|encoder): \d+\.\dx faster than reference, memory \d+\.\d\dx, gain (\d+\.\d\dx of reference \(-?\d+\.\d\dx after JPEG q75\)|n/a of reference)$"
 )
 
 
