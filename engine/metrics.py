@@ -112,7 +112,7 @@ def gain_samples(
     training example does. The estimate's error against many samples is what
     both choices cut: on the tiny model (3 images, PNG and after JPEG q75,
     30 draws each), 8 samples drawn this way were off by 1.2-2.3 (x 1000, in
-    gain - 1) against 2.9-5.7 for the 16 uniform timesteps sharing one
+    gain - 1) against 2.7-4.5 for the 16 uniform timesteps sharing one
     posterior noise used before, at half the UNet forwards (bench/README.md,
     "The report's cost").
     """
