@@ -86,17 +86,21 @@ class WorkerSettings(BaseModel):
 
 
 class EngineSettings(EngineOptions):
-    """``[engine]``: the options every image is protected with, plus ``devices``.
+    """``[engine]``: the options every image is protected with, plus ``devices`` and ``batch_size``.
 
-    ``devices`` is read here, where people look for it, but it is no option of
-    an image: :class:`Settings` moves it out, and ``settings.engine`` is the
-    plain :class:`EngineOptions` that is stored on each job and fingerprinted.
+    ``devices`` and ``batch_size`` are read here, where people look for them,
+    but they are no options of an image: :class:`Settings` moves them out, and
+    ``settings.engine`` is the plain :class:`EngineOptions` that is stored on
+    each job and fingerprinted.
     """
 
     # One engine process per entry under `fixative run`, each on its device.
     # The same device may be listed twice: two engines then share it (each
     # with its own model copy); on a CPU that is how two engines are tried.
     devices: list[Device] | None = Field(None, min_length=1)
+    # How many queued jobs of the same settings an engine claims and protects as
+    # one batch per PGD step (daemon.worker). Memory grows with it; 1 is one at a time.
+    batch_size: int = Field(1, ge=1)
 
 
 # The TOML file that Settings reads; set by load_settings. A context variable
@@ -129,21 +133,29 @@ class Settings(BaseSettings):
     archive_dir: UserPath | None = None
     watcher: WatcherSettings = WatcherSettings()
     worker: WorkerSettings = WorkerSettings()
-    # Read as EngineSettings; after validation, the EngineOptions without `devices` (see EngineSettings).
+    # Read as EngineSettings; after validation, the EngineOptions without `devices`
+    # and `batch_size` (see EngineSettings).
     engine: EngineSettings = EngineSettings()
     _devices: list[str] = PrivateAttr(default_factory=list)
+    _batch_size: int = PrivateAttr(1)
 
     @model_validator(mode="after")
-    def _devices_apart(self) -> Settings:
+    def _engine_settings_apart(self) -> Settings:
         if isinstance(self.engine, EngineSettings):
             self._devices = self.engine.devices or [self.engine.device]
-            self.engine = EngineOptions.model_validate(self.engine.model_dump(exclude={"devices"}))
+            self._batch_size = self.engine.batch_size
+            self.engine = EngineOptions.model_validate(self.engine.model_dump(exclude={"devices", "batch_size"}))
         return self
 
     @property
     def devices(self) -> list[str]:
         """The devices `fixative run` starts one engine on each: ``[engine] devices``, else ``[engine] device``."""
         return list(self._devices)
+
+    @property
+    def batch_size(self) -> int:
+        """``[engine] batch_size``: the most jobs an engine protects together (see ``daemon.worker``)."""
+        return self._batch_size
 
     @field_validator("state_db")
     @classmethod
