@@ -24,9 +24,22 @@ Each job is protected with the engine options stored on its row when it was
 queued, not with the config file as it reads now: the file may have been
 edited since, and the row's fingerprint must describe its output.
 
-A background :class:`_Pulse` thread renews the lease, records progress and
-tells systemd we are alive, but only while the main loop really advances: a
-hung GPU driver must look dead, not busy.
+With ``[engine] batch_size`` above 1, the engine claims a job and then up to
+``batch_size - 1`` more queued now with the same fingerprint
+(``JobStore.claim_more``; it never waits to fill a batch), each under its own
+lease. Each original is read and decoded alone, and one that cannot be fails
+or is superseded alone. The rest are grouped by ``engine.protect.batch_key``
+(images of one working size) and each group is protected as one batch per PGD
+step. Jobs whose group has not started stay leased, "running" on this engine
+with no progress yet ("starting" in ``fixative status``). Every policy above
+applies to each job alone, with one exception: a group of several that runs
+out of memory is protected again one image at a time in the same cycle,
+without using an attempt, since the batch, not the image, was too big.
+
+A background :class:`_Pulse` thread renews every lease the engine holds,
+records the running group's progress on each of its jobs and tells systemd we
+are alive, but only while the main loop really advances: a hung GPU driver must
+look dead, not busy.
 
 Importing this module does not import torch; :func:`run_engine` does, through
 the engine. The worker itself never touches torch: the engine turns running
@@ -48,6 +61,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -87,8 +101,17 @@ class _SourceChanged(Exception):
     """The original no longer holds the content that was queued: the job is stale, not failed."""
 
 
+@dataclass
+class _Ready:
+    """A claimed job whose original was read, checked and decoded: it waits for its group's turn."""
+
+    job: Job
+    source: Any  # engine.imaging.SourceImage (the worker does not import the engine at module level)
+    options: EngineOptions
+
+
 class _Pulse(threading.Thread):
-    """Renews the lease, records progress, beats for ``fixative status`` and pings systemd's watchdog.
+    """Renews the leases, records progress, beats for ``fixative status`` and pings systemd's watchdog.
 
     Lease and beat say "this process is alive", so they go on whatever the
     main loop does; a crash stops them and the lease expires. The watchdog
@@ -105,13 +128,16 @@ class _Pulse(threading.Thread):
         self.lease = settings.worker.lease_seconds
         self.watchdog = watchdog_interval()  # None unless systemd set WatchdogSec
         self.interval = min(settings.worker.heartbeat_seconds, self.watchdog or float("inf"))
-        self.job: Job | None = None
+        # Replaced whole, never changed in place: this thread reads them while the main loop moves on.
+        self.held: dict[int, Job] = {}  # every job this engine holds a lease on
+        self.running: list[Job] = []  # the group being protected now; step and total are theirs
+        self.group_started = 0.0
         self.step: int | None = None
         self.total: int | None = None
         self.status = LOADING_STATUS
         self.loading = True  # loading a model from a cold disk can take minutes; it is not a stall
         self.last_progress = time.time()
-        self.lost = threading.Event()  # our job was taken from us: abandon it
+        self.lost: set[int] = set()  # jobs taken from us (superseded, or reclaimed after a lost lease)
         self.wake = threading.Event()
         self.quit = threading.Event()
         self.disk = Pause("engine")
@@ -122,13 +148,18 @@ class _Pulse(threading.Thread):
             self.status = status
             self.wake.set()  # show a new state (ready, protecting x) now, not at the next heartbeat
 
-    def start_job(self, job: Job) -> None:
-        self.job, self.step, self.total = job, None, None
-        self.lost.clear()
-        self.progressed(f"protecting {job.relative_path}")
+    def hold(self, jobs: list[Job]) -> None:
+        self.held = {job.id: job for job in jobs}
+        self.running, self.lost = [], set()
 
-    def end_job(self) -> None:
-        self.job = None
+    def let_go(self, job: Job) -> None:
+        """``job`` ended one way or another (done, failed, released...): its lease is no longer ours to renew."""
+        self.held = {job_id: held for job_id, held in self.held.items() if job_id != job.id}
+
+    def start_group(self, jobs: list[Job]) -> None:
+        self.running, self.step, self.total = jobs, None, None
+        self.group_started = time.time()
+        self.progressed(f"protecting {_names(jobs)}")
 
     def run(self) -> None:
         while not self.quit.is_set():
@@ -146,13 +177,16 @@ class _Pulse(threading.Thread):
             self.wake.clear()
 
     def pulse(self) -> None:
-        job = self.job
+        held, running = self.held, self.running
+        step, total = self.step, self.total
         status = self.status
-        if job is not None:
-            if not self.store.heartbeat(job.id, self.owner, self.lease, self.step, self.total):
-                self.lost.set()
-            if self.total:
-                status = f"protecting {job.relative_path} {100 * (self.step or 0) // self.total}%"
+        for job in held.values():
+            # Jobs waiting for their group keep their lease, and no progress until it starts.
+            mine = any(job.id == other.id for other in running)
+            if not self.store.heartbeat(job.id, self.owner, self.lease, *((step, total) if mine else (None, None))):
+                self.lost.add(job.id)
+        if running and total:
+            status = f"protecting {_names(running)} {100 * (step or 0) // total}%"
         status += f" · {self.store.counts()['queued']} queued"
         progress_at = time.time() if self.loading else self.last_progress
         self.store.beat(self.name, status, progress_at=progress_at, device=self.device)
@@ -174,6 +208,7 @@ class Engine:
         self.name = engine_name(label or settings.engine.device)
         self.pulse = _Pulse(store, settings, self.owner, self.name)
         self.pause_seconds = settings.worker.retry_backoff_seconds
+        self.machine_error: str | None = None  # the last one met by the jobs of this claim: pause after them
         self.model: Any = None
         self.model_options: dict[str, Any] | None = None  # the MODEL_OPTIONS self.model was loaded with
 
@@ -211,16 +246,16 @@ class Engine:
             notify("STOPPING=1")
 
     def claim_and_handle(self) -> None:
-        job = self.store.claim(self.owner, self.settings.worker.lease_seconds, engine=self.name)
+        lease = self.settings.worker.lease_seconds
+        job = self.store.claim(self.owner, lease, engine=self.name)
         if job is None:
             self.rest(IDLE_POLL_SECONDS, "idle")
             return
-        with structlog.contextvars.bound_contextvars(job_id=job.id, path=job.relative_path):
-            self.pulse.start_job(job)
-            try:
-                self.handle(job)
-            finally:
-                self.pulse.end_job()
+        jobs = [job]
+        if self.settings.batch_size > 1 and job.fingerprint is not None:
+            jobs += self.store.claim_more(self.owner, lease, job.fingerprint, self.settings.batch_size - 1,
+                                          engine=self.name)
+        self.handle(jobs)
 
     def load(self, options: EngineOptions) -> None:
         """Load the model for ``options``, unless the one loaded already fits them."""
@@ -245,53 +280,119 @@ class Engine:
             return self.settings.engine
         return EngineOptions.model_validate({**job.options, "device": self.settings.engine.device})
 
-    def handle(self, job: Job) -> None:
-        """Protect one claimed job and record how it ended. Never raises for a job's own failure."""
+    def handle(self, jobs: list[Job]) -> None:
+        """Protect claimed jobs (one claim's batch) and record how each ended. Never raises for a job's own failure.
+
+        A StoreUnavailable leaves the jobs not yet recorded leased: they are
+        queued again when their leases expire (run() waits for the table).
+        """
         started = time.monotonic()
+        self.pulse.hold(jobs)
+        self.machine_error = None
         try:
-            output, metrics = self.protect(job)
-        except _Stop:
-            if self.pulse.lost.is_set():
+            ready = []
+            for job in jobs:
+                with _about(job):
+                    try:
+                        ready.append(self.prepare(job))
+                    except Exception as error:
+                        self.settle(job, error)
+            for number, group in enumerate(self.groups(ready)):
+                if number and self.stop.is_set():  # the first group runs as a lone job would (FINISH_ON_STOP_SECONDS)
+                    self.release_waiting()
+                    break
+                self.protect_group(group, started)
+        finally:
+            self.pulse.hold([])
+        if self.machine_error is not None:
+            # Once per claim, however many of its jobs met it: the folder is the same.
+            log.warning("engine.machine_error", error=self.machine_error, pause_seconds=self.pause_seconds)
+            self.rest(self.pause_seconds, f"waiting {self.pause_seconds:.0f}s: {self.machine_error}")
+            self.pause_seconds = min(self.pause_seconds * 2, MAX_PAUSE_SECONDS)
+
+    def groups(self, ready: list[_Ready]) -> list[list[_Ready]]:
+        """The jobs that can share a batch: the same options, and images of one size (``engine.protect.batch_key``)."""
+        from fixative.engine.protect import batch_key
+
+        groups: dict[Any, list[_Ready]] = {}
+        for each in ready:
+            groups.setdefault((each.options, batch_key(each.source, self.model)), []).append(each)
+        return list(groups.values())
+
+    def protect_group(self, group: list[_Ready], started: float) -> None:
+        """Protect ``group`` as one batch, then write and record each job alone."""
+        from fixative.engine.protect import protect_batch
+
+        group = [each for each in group if each.job.id in self.pulse.held]  # released on a stop, or taken over
+        for each in group:
+            if each.job.id in self.pulse.lost:
+                self.settle(each.job, _Stop())
+        group = [each for each in group if each.job.id not in self.pulse.lost]
+        if not group:
+            return
+        jobs = [each.job for each in group]
+        self.pulse.start_group(jobs)
+        too_big: OutOfMemory | None = None
+        try:
+            with structlog.contextvars.bound_contextvars(job_ids=[job.id for job in jobs]):
+                results = protect_batch([each.source for each in group], self.model, group[0].options,
+                                        progress=self.on_progress)
+        except OutOfMemory as error:
+            too_big, results = (error, []) if len(group) > 1 else (None, [error])
+        except Exception as error:  # one failure for the whole batch: each job's policy decides what it means
+            results = [error] * len(group)
+        finally:
+            self.pulse.running = []
+        if too_big is not None:
+            # The batch was too big, not any of its images: each alone, in this cycle, on the attempt already counted.
+            log.warning("engine.batch_out_of_memory", job_ids=[job.id for job in jobs], error=str(too_big))
+            for each in group:
+                self.protect_group([each], started)
+            return
+        for each, result in zip(group, results):
+            with _about(each.job):
+                if isinstance(result, BaseException):
+                    self.settle(each.job, result)
+                    continue
+                try:
+                    self.deliver(each, result, batch=len(group), started=started)
+                except Exception as error:
+                    self.settle(each.job, error)
+
+    def settle(self, job: Job, error: BaseException) -> None:
+        """Record how ``job`` failed, by what ``error`` means (the module docstring); StoreUnavailable is raised."""
+        self.pulse.let_go(job)
+        if isinstance(error, StoreUnavailable):
+            raise error  # not the image's fault: run() waits for the job table
+        if isinstance(error, _Stop):
+            if job.id in self.pulse.lost:
                 # Superseded by newer content, or reclaimed after a lost lease: the row is not ours.
                 log.warning("engine.job_taken_over")
             else:
                 self.store.release(job.id, self.owner)
                 log.info("engine.job_released", reason="stopping")
-            return
-        except StoreUnavailable:
-            raise  # not the image's fault: run() waits for the job table
-        except OutOfMemory as error:
+        elif isinstance(error, OutOfMemory):
             # Issue 9: a 100-megapixel image that ran out of memory was retried, and blocked the queue, max_attempts times.
             self.failed(job, str(error), permanent=job.attempts > 1)
-            return
-        except EngineError as error:
+        elif isinstance(error, EngineError):
             self.failed(job, str(error), permanent=error.permanent)
-            return
-        except _SourceChanged as change:
-            self.store.supersede(job.id, self.owner, str(change))
-            log.info("job.superseded", reason=str(change))
-            return
-        except MachineError as error:
+        elif isinstance(error, _SourceChanged):
+            self.store.supersede(job.id, self.owner, str(error))
+            log.info("job.superseded", reason=str(error))
+        elif isinstance(error, MachineError):
             # No "(will retry)" here: a queued job's error is shown as one that will be retried.
             self.store.release(job.id, self.owner, error=str(error))
-            log.warning("engine.machine_error", error=str(error), pause_seconds=self.pause_seconds)
-            self.rest(self.pause_seconds, f"waiting {self.pause_seconds:.0f}s: {error}")
-            self.pause_seconds = min(self.pause_seconds * 2, MAX_PAUSE_SECONDS)
-            return
-        except Exception as error:  # a bug or a library failure: retried, but only max_attempts times
-            log.exception("engine.unexpected_error")
+            self.machine_error = str(error)
+        else:  # a bug or a library failure: retried, but only max_attempts times
+            log.error("engine.unexpected_error", exc_info=error)
             self.failed(job, f"{type(error).__name__}: {error}", permanent=False)
-            return
-        self.pause_seconds = self.settings.worker.retry_backoff_seconds
-        if not self.until_written(lambda: self.store.finish(job.id, self.owner, output, metrics),
-                                  landed=lambda: self.finished_as(job, output)):
-            log.warning("engine.job_taken_over", output=str(output))
-            return
-        # The one summary line per job: the engine's scalar figures (PSNR, gain...) plus where it went.
-        figures = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
-        log.info("job.done", **{**figures, "output": str(output), "job_seconds": round(time.monotonic() - started, 1)})
-        if self.settings.after == "archive":
-            self.archive(job)
+
+    def release_waiting(self) -> None:
+        """On a stop: give back at once every held job whose group has not started."""
+        running = {job.id for job in self.pulse.running}
+        for job in [job for job in self.pulse.held.values() if job.id not in running]:
+            with _about(job):
+                self.settle(job, _Stop())
 
     def wait_for_store(self, error: StoreUnavailable) -> None:
         self.pulse.disk.full(error)
@@ -333,9 +434,9 @@ class Engine:
         log.warning("job.failed", error=error, permanent=permanent, attempt=job.attempts,
                     retry_in_seconds=None if permanent else backoff)
 
-    def protect(self, job: Job) -> tuple[Path, dict[str, Any]]:
-        from fixative.engine.imaging import OUTPUT_FORMATS
-        from fixative.engine.protect import protect_bytes
+    def prepare(self, job: Job) -> _Ready:
+        """Read, check and decode ``job``'s original, and make sure its output can be written, before any GPU time."""
+        from fixative.engine.imaging import decode_image
 
         source = Path(job.source_path)
         data = _read_source(source)  # hashed and decoded as read: nothing can be swapped in between
@@ -346,12 +447,20 @@ class Engine:
             raise _SourceChanged(f"{source} changed after it was queued; {then}")
         options = self.options_for(job)
         self.load(options)
-        output = self.choose_output(job, OUTPUT_FORMATS[options.format])
-        _check_writable(output.parent)  # before minutes of GPU time, not after
-        protected = protect_bytes(data, str(source), self.model, options, progress=self.on_progress)
+        _check_writable(self.export_folder(job))  # before minutes of GPU time, not after
+        return _Ready(job, decode_image(data, str(source)), options)
+
+    def deliver(self, ready: _Ready, protected: Any, *, batch: int, started: float) -> None:
+        """Write a protected image (an ``engine.protect.Protected``), record it done, and archive its original."""
+        from fixative.engine.imaging import OUTPUT_FORMATS
+
+        job = ready.job
+        # Chosen now, one job at a time, not before the batch ran: two jobs of one
+        # batch (a.png and a.jpg) must not both find "a.png" free.
+        output = self.choose_output(job, OUTPUT_FORMATS[ready.options.format])
         output_sha256 = hashlib.sha256(protected.data).hexdigest()
         if not self.until_written(lambda: self.store.plan_output(job.id, self.owner, output, output_sha256)):
-            self.pulse.lost.set()
+            self.pulse.lost.add(job.id)
             raise _Stop()
         if job.output_path:  # an earlier attempt planned this name, and may have died mid-write
             _remove_temp_files(output)
@@ -359,21 +468,42 @@ class Engine:
             write_atomically(output, protected.data)
         except OSError as error:
             raise MachineError(f"cannot write {output}: {error.strerror or error}") from error
-        return output, {**protected.report, "warnings": protected.warnings, "output_bytes": len(protected.data)}
+        # batch: how many images were protected together (1: alone).
+        metrics = {**protected.report, "batch": batch, "warnings": protected.warnings,
+                   "output_bytes": len(protected.data)}
+        self.pause_seconds = self.settings.worker.retry_backoff_seconds
+        written = self.until_written(lambda: self.store.finish(job.id, self.owner, output, metrics),
+                                     landed=lambda: self.finished_as(job, output))
+        self.pulse.let_go(job)
+        if not written:
+            log.warning("engine.job_taken_over", output=str(output))
+            return
+        # The one summary line per job: the engine's scalar figures (PSNR, gain...) plus where it went.
+        figures = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        log.info("job.done", **{**figures, "output": str(output), "job_seconds": round(time.monotonic() - started, 1)})
+        if self.settings.after == "archive":
+            self.archive(job)
 
     def on_progress(self, step: int, total: int, loss: float) -> None:
-        """Called by the engine after every PGD step; raising here abandons the job."""
+        """Called by the engine after every PGD step of the running group; raising here abandons the group."""
         self.pulse.step, self.pulse.total = step, total
         self.pulse.progressed()
-        if self.pulse.lost.is_set():
+        if all(job.id in self.pulse.lost for job in self.pulse.running):
             raise _Stop()
         if self.stop.is_set():
-            per_step = (time.time() - (self.pulse.job.started_at or time.time())) / max(step, 1)
+            self.release_waiting()  # at once, not after this group: another engine may take them now
+            per_step = (time.time() - self.pulse.group_started) / max(step, 1)
             if per_step * (total - step) > FINISH_ON_STOP_SECONDS:
                 raise _Stop()
 
+    def export_folder(self, job: Job) -> Path:
+        """The folder of ``job``'s output: the inbox's subfolders mirrored under ``export_dir``."""
+        if job.output_path:
+            return Path(job.output_path).parent
+        return self.settings.export_dir.joinpath(*PurePosixPath(job.relative_path).parent.parts)
+
     def choose_output(self, job: Job, suffix: str) -> Path:
-        """Where this job's output goes: the inbox's subfolders mirrored under ``export_dir``.
+        """Where this job's output goes, in :meth:`export_folder`.
 
         A name planned by an earlier attempt of this job is reused, so a crash
         after the write leaves one file, not two. Otherwise the first name that
@@ -381,13 +511,13 @@ class Engine:
         """
         if job.output_path:
             return Path(job.output_path)
-        relative = PurePosixPath(job.relative_path)
-        folder = self.settings.export_dir.joinpath(*relative.parent.parts)
+        stem = PurePosixPath(job.relative_path).stem
+        folder = self.export_folder(job)
         for n in range(1, 10_000):
-            candidate = folder / f"{relative.stem}{'' if n == 1 else f'-{n}'}{suffix}"
+            candidate = folder / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}"
             if self.may_write(candidate, job):
                 return candidate
-        raise MachineError(f"no free file name for {relative.stem}{suffix} in {folder}")
+        raise MachineError(f"no free file name for {stem}{suffix} in {folder}")
 
     def may_write(self, candidate: Path, job: Job) -> bool:
         """A free name, or the earlier output of this same source, as we wrote it.
@@ -435,6 +565,16 @@ class Engine:
         except OSError as error:  # the protected copy is done; an archive failure only leaves the original in place
             self.store.record_archive(job.id, None)
             log.warning("engine.archive_failed", error=str(error))
+
+
+def _about(job: Job) -> contextlib.AbstractContextManager[Any]:
+    """Log lines within name the job they are about."""
+    return structlog.contextvars.bound_contextvars(job_id=job.id, path=job.relative_path)
+
+
+def _names(jobs: list[Job]) -> str:
+    """'a.png', or 'a.png and 2 more' for a batch."""
+    return jobs[0].relative_path + (f" and {len(jobs) - 1} more" if len(jobs) > 1 else "")
 
 
 def _read_source(path: Path) -> bytes:

@@ -1,8 +1,8 @@
 """The engine worker: where outputs go, what each failure means, stopping, archiving.
 
-Most tests drive :class:`fixative.daemon.worker.Engine` in-process with a stand-in for
-``fixative.engine.protect.protect_bytes``, on a real job table and real folders, so they
-run in milliseconds. ``tests/test_engine_process.py`` runs the real thing.
+Most tests drive :class:`fixative.daemon.worker.Engine` in-process with stand-ins for
+``fixative.engine.imaging.decode_image`` and ``fixative.engine.protect.protect_batch``, on a
+real job table and real folders, so they run in milliseconds. ``tests/test_engine_process.py`` runs the real thing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import fixative.daemon.worker
+import fixative.engine.imaging
 import fixative.engine.model
 import fixative.engine.protect
 from fixative.daemon.settings import Settings
@@ -64,17 +65,19 @@ def worker(settings: Settings, store: JobStore, loads: list) -> Engine:
 
 @pytest.fixture
 def protect(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Replace the engine's protect_bytes; append an exception to make the next call raise it."""
+    """Replace the engine's decoding and protection; append an exception to make the next batch raise it."""
     raising: list = []
 
-    def fake(data: bytes, name: str, model, options, progress=None) -> Protected:
+    def fake(sources: list, model, options, progress=None) -> list[Protected]:
         for step in (1, 2):
             progress(step, 2, 0.5)
         if raising:
             raise raising.pop(0)
-        return Protected(data=b"protected " + data, suffix=".png", report={"psnr": 40.0})
+        return [Protected(data=b"protected " + source.data, suffix=".png", report={"psnr": 40.0}) for source in sources]
 
-    monkeypatch.setattr(fixative.engine.protect, "protect_bytes", fake)
+    monkeypatch.setattr(fixative.engine.imaging, "decode_image", lambda data, name: SimpleNamespace(data=data))
+    monkeypatch.setattr(fixative.engine.protect, "batch_key", lambda source, model: None)
+    monkeypatch.setattr(fixative.engine.protect, "protect_batch", fake)
     return raising
 
 
@@ -86,8 +89,7 @@ def drop(settings: Settings, name: str, content: bytes) -> Path:
 
 def run_one(worker: Engine, store: JobStore):
     job = store.claim(worker.owner, 60)
-    worker.pulse.start_job(job)
-    worker.handle(job)
+    worker.handle([job])
     return store.get(job.id)
 
 
