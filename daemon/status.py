@@ -98,7 +98,7 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
         "database": describe_store(settings),  # a PostgreSQL URL without its password
         "processes": {"watcher": _never_started()},
         # One entry per engine: its heartbeat, its job now, what it did in the last 24 h.
-        "engines": [_never_started(name=name, device=device, host=socket.gethostname(), running=None,
+        "engines": [_never_started(name=name, device=device, host=socket.gethostname(), running=None, batch=[],
                                    throughput_24h={"done": 0, "mean_seconds": None})
                     for name, device in configured.items()],
         "counts": dict.fromkeys(STATES, 0),
@@ -154,12 +154,16 @@ def _engines(configured: list[dict[str, Any]], beats: dict[str, dict[str, Any]],
     engines = [{**engine, **beats.get(engine["name"], {})} for engine in configured]
     engines += [{"name": name, **beat} for name, beat in sorted(beats.items())
                 if beat["device"] is not None and beat["alive"] and name not in ours]
-    jobs: dict[str, Job] = {}
+    jobs: dict[str, list[Job]] = {}
     for job in running:  # the latest claimed first, should an expired lease linger
-        jobs.setdefault(job.engine, job)
+        jobs.setdefault(job.engine, []).append(job)
     for engine in engines:
-        job = jobs.get(engine["name"])
-        engine["running"] = _running(job, now) if job and engine["alive"] else None
+        # A batch ([engine] batch_size): every job the engine holds, the group being
+        # protected with its progress, the jobs waiting for their group "starting".
+        held = sorted(jobs.get(engine["name"], []), key=lambda job: (job.progress_step is None, job.id))
+        batch = [_running(job, now) for job in held] if engine["alive"] else []
+        engine["batch"] = batch
+        engine["running"] = batch[0] if batch else None
         engine["throughput_24h"] = throughput.get(engine["name"], {"done": 0, "mean_seconds": None})
     return engines
 
@@ -230,11 +234,10 @@ def render(report: dict[str, Any]) -> str:
             day = engine["throughput_24h"]
             mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""
             lines.append(f"  {printable(title)}{pid} {_process(engine)} · last 24h: {day['done']} done{mean}")
-            if engine["running"]:
-                lines.append(f"    {_now(engine['running'])}")
+            lines += [f"    {_now(running)}" for running in engine["batch"]]
     lines.append(" · ".join(f"{state} {report['counts'][state]}" for state in STATES))
     if report["running"] and len(engines) == 1:
-        lines.append(_now(report["running"]))
+        lines += [_now(running) for running in engines[0]["batch"] or [report["running"]]]
     day = report["throughput_24h"]
     mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""
     lines.append(f"last 24h: {day['done']} done{mean}, {day['failed']} failed, {day['skipped']} skipped as duplicates")
