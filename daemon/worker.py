@@ -311,12 +311,15 @@ class Engine:
             self.pause_seconds = min(self.pause_seconds * 2, MAX_PAUSE_SECONDS)
 
     def groups(self, ready: list[_Ready]) -> list[list[_Ready]]:
-        """The jobs that can share a batch: the same options, and images of one size (``engine.protect.batch_key``)."""
+        """The jobs that can share a batch: images of one size (``engine.protect.batch_key``).
+
+        The options are one already: a claim's jobs share one fingerprint (``JobStore.claim_more``).
+        """
         from fixative.engine.protect import batch_key
 
         groups: dict[Any, list[_Ready]] = {}
         for each in ready:
-            groups.setdefault((each.options, batch_key(each.source, self.model)), []).append(each)
+            groups.setdefault(batch_key(each.source, self.model), []).append(each)
         return list(groups.values())
 
     def protect_group(self, group: list[_Ready], started: float) -> None:
