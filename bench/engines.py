@@ -50,8 +50,11 @@ def write_images(folder: Path, count: int) -> None:
         Image.fromarray(rgb).save(folder / f"{number:03d}.png")
 
 
-def drain(model: Path, images: int, steps: int, engines: int) -> float:
-    """Run ``fixative run`` with ``engines`` CPU engines until ``images`` are done; images per hour."""
+def drain(model: Path, images: int, steps: int, engines: int, batch_size: int = 1) -> float:
+    """Run ``fixative run`` with ``engines`` CPU engines until ``images`` are done; images per hour.
+
+    ``batch_size``: ``[engine] batch_size`` (bench/batch_queue.py).
+    """
     from fixative.daemon.store import JobStore
 
     with tempfile.TemporaryDirectory() as folder:
@@ -68,6 +71,7 @@ stability_seconds = 0.5
 model = "{model}"
 steps = {steps}
 devices = [{devices}]
+batch_size = {batch_size}
 """)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FIXATIVE_")}
         env.update(FIXATIVE_CONFIG=str(root / "config.toml"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
