@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
-from engines import SIDE, drain
+from engines import SIDE, drain, table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             results[batch_size].append(per_hour)
             print(f"  round {round_number + 1}: batch_size {batch_size}: {per_hour:.0f}/h "
                   f"(load average {os.getloadavg()[0]:.1f})", flush=True)
-    baseline = statistics.mean(results[1])
-    print(f"{'batch_size':>10} {'images/h':>9} {'vs 1':>6}")
-    for batch_size, values in results.items():
-        print(f"{batch_size:>10} {statistics.mean(values):>9.0f} {statistics.mean(values) / baseline:>5.2f}x")
+    table("batch_size", results)
     return 0
 
 

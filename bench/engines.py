@@ -121,11 +121,16 @@ def main(argv: list[str] | None = None) -> int:
             results[engines].append(per_hour)
             print(f"  round {round_number + 1}: {engines} engine(s): {per_hour:.0f}/h",
                   flush=True)
-    baseline = statistics.mean(results[1])
-    print(f"{'engines':>7} {'images/h':>9} {'vs one':>7}")
-    for engines, values in results.items():
-        print(f"{engines:>7} {statistics.mean(values):>9.0f} {statistics.mean(values) / baseline:>6.2f}x")
+    table("engines", results)
     return 0
+
+
+def table(setting: str, results: dict[int, list[float]]) -> None:
+    """Mean images per hour for each value of ``setting``, and its ratio to the first's."""
+    baseline = statistics.mean(next(iter(results.values())))
+    print(f"{setting:>10} {'images/h':>9} {'vs first':>8}")
+    for value, per_hour in results.items():
+        print(f"{value:>10} {statistics.mean(per_hour):>9.0f} {statistics.mean(per_hour) / baseline:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -39,31 +39,8 @@ def enqueue(store: JobStore, inbox: Path, name: str, content: bytes, options) ->
     return store.enqueue(path, options, inbox=inbox).id
 
 
-@pytest.fixture
-def folder(tmp_path: Path, tiny_model: Path) -> tuple[Path, dict[str, str]]:
-    """A config for `fixative engine` with batch_size 3, and its environment."""
-    (tmp_path / "config.toml").write_text(f"""
-inbox = "{tmp_path / 'inbox'}"
-export_dir = "{tmp_path / 'export'}"
-state_dir = "{tmp_path / 'state'}"
-[worker]
-lease_seconds = 5
-heartbeat_seconds = 0.5
-retry_backoff_seconds = 1
-[engine]
-model = "{tiny_model}"
-steps = 2
-device = "cpu"
-batch_size = 3
-""")
-    (tmp_path / "inbox").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIXATIVE_", "NOTIFY_", "WATCHDOG_"))}
-    env.update(HOME=str(tmp_path), FIXATIVE_CONFIG=str(tmp_path / "config.toml"), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1")
-    return tmp_path, env
-
-
-def test_an_engine_protects_same_size_same_settings_jobs_in_batches_and_each_failure_stays_its_own(folder) -> None:
+def test_an_engine_protects_same_size_same_settings_jobs_in_batches_and_each_failure_stays_its_own(
+        tmp_path, tiny_model) -> None:
     """One `fixative engine` run, its queue in claim order (oldest first, batches of up to 3):
 
     1-6: six same-size images, the same settings: two batches of 3.
@@ -73,10 +50,9 @@ def test_an_engine_protects_same_size_same_settings_jobs_in_batches_and_each_fai
            way; only those fail or wait (11 failed for good, 12 back in the queue
            without using an attempt), and 13 is done.
     """
-    root, env = folder
-    inbox, export = root / "inbox", root / "export"
-    store = JobStore(root / "state" / "jobs.db")
-    options = load_settings(root / "config.toml").engine
+    daemon = Daemon(tmp_path, tiny_model, FIXATIVE_ENGINE__BATCH_SIZE="3")  # its config; `fixative engine` alone
+    root, inbox, export, store = tmp_path, daemon.inbox, daemon.export, daemon.store
+    options = load_settings(daemon.config).engine.model_copy(update={"steps": 2})
     other = options.model_copy(update={"seed": 1})
     same = [enqueue(store, inbox, f"{n}.png", png_bytes(n), options) for n in range(1, 7)]
     mixed = [enqueue(store, inbox, "7.png", png_bytes(7), options),
@@ -90,7 +66,7 @@ def test_an_engine_protects_same_size_same_settings_jobs_in_batches_and_each_fai
                           enqueue(store, inbox, "13.png", png_bytes(13), options))
 
     with open(root / "engine.log", "wb") as log:
-        engine = subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "engine"], env=env, cwd=REPO,
+        engine = subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "engine"], env=daemon.env, cwd=REPO,
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: store.get(good).state == "done" and store.get(bad).state == "failed"
