@@ -44,14 +44,14 @@ from run import GIB, machine_info, say, tiny_model  # noqa: E402  (no torch in t
 DEFAULT_SIZES = "6000x4000,10000x10000"  # 24 and 100 megapixels, the sizes issue 9 names
 
 
-def _proc_status(field: str) -> int:
+def proc_status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     """Set the peak-RSS mark (VmHWM) back to the current RSS (Linux 4.0+)."""
     Path("/proc/self/clear_refs").write_text("5")
 
@@ -93,23 +93,23 @@ def measure(spec: dict) -> dict:
             model, _ = sd15.load_engine_model(options)
         else:
             model = load_model(options)
-        model_rss = _proc_status("VmRSS")
-        _reset_peak()  # writing the large PNG above must not count as the model's
+        model_rss = proc_status("VmRSS")
+        reset_peak()  # writing the large PNG above must not count as the model's
         work_height, work_width = Geometry.plan(height, width, model.resolution, model.size_multiple).work
         # The tiny model works at 128 px, under the smallest image accepted: enlarge, same working size.
         scale = math.ceil(MIN_SHORT_SIDE / min(work_height, work_width))
         small = Path(folder) / "work.png"
         _write_artwork(small, work_width * scale, work_height * scale)
         protect_bytes(small.read_bytes(), small.name, model, options)
-        model_peak = _proc_status("VmHWM")
+        model_peak = proc_status("VmHWM")
 
-        _reset_peak()
+        reset_peak()
         started = time.perf_counter()
         try:
             report, error = protect_bytes(large.read_bytes(), large.name, model, options).report, None
         except Exception as failure:  # an OutOfMemory is a result here, not a crash
             report, error = {}, f"{type(failure).__name__}: {failure}"
-        peak = _proc_status("VmHWM")
+        peak = proc_status("VmHWM")
     return {
         "size": [width, height],
         "megapixels": round(width * height / 1e6, 1),
