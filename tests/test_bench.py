@@ -130,3 +130,18 @@ def test_mimicry_table_runs_with_the_noise_control_and_jpeg(tmp_path: Path, tiny
     assert mean > 0 and se is not None  # two seeds: a standard error
     assert "| noise ±8+jpeg75 |" in done.stdout
     assert re.search(r"\| encoder \|.*\| (below|within noise) \|", done.stdout)
+
+
+@pytest.mark.slow
+def test_batching_table_runs_on_the_tiny_model(tmp_path: Path, tiny_model: Path):
+    figures = tmp_path / "batching.json"
+    done = subprocess.run(
+        [sys.executable, "bench/batching.py", "--batches", "1,2", "--steps", "2", "--rounds", "1", "--json", str(figures)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    rows = json.loads(figures.read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 2]
+    assert all(row["pgd_seconds_per_image"] > 0 and row["peak_bytes"] > 0 for row in rows)
+    assert rows[0]["extra_bytes_per_image"] is None and rows[1]["extra_bytes_per_image"] is not None
+    assert "| 2 |" in done.stdout
