@@ -18,7 +18,7 @@ reset through ``/proc/self/clear_refs`` before each batch) in the warm-up,
 which runs the batch sizes in increasing order (the allocator keeps what a
 larger batch freed, so a smaller batch run after it would read high), and what
 each image beyond the first batch size adds to it. Linux only (``/proc``). The queue-level figure (images per hour for a queue of
-16) is the worker's, bench/worker.py. Results: bench/README.md, "Batching".
+16) is bench/batch_queue.py's. Results: bench/README.md, "Batching".
 """
 
 from __future__ import annotations
