@@ -38,10 +38,9 @@ class EngineOptions(BaseModel):
         description="A local diffusers folder, a single-file .safetensors checkpoint, "
         "or a Hugging Face id already in the local cache.",
     )
-    # sds, maximising: at full SD-1.5 scale on the CPU, 1.8x faster per image than
-    # the reference AdvDM loop (advdm: 1.3x), 2.6x with coarse to fine, with about the
-    # same protection gain on the tiny trained model (bench/README.md). advdm stays
-    # available as the paper's method.
+    # sds, maximising: at full SD-1.5 scale on the CPU, 2.5x faster per image than
+    # the reference AdvDM loop, report included, with a stronger protection after JPEG
+    # on the tiny trained model (bench/README.md). advdm stays available as the paper's method.
     mode: Mode = "sds"
     strength: int = Field(8, ge=1, le=32, description="L-infinity budget in 0-255 levels, or a preset name.")
     step_size: float = Field(1.0, gt=0, le=32, description="PGD step in 0-255 levels.")
