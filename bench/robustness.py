@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="PGD steps (default: the engine's)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--dtype", default="fp32", help="the model's precision while protecting (the figures are the same model's)")
     args = parser.parse_args(argv)
 
     import torch
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     folder, _ = tiny_model(threads=1)
-    model = load_model(EngineOptions(model=str(folder), device="cpu", dtype="fp32"))
+    model = load_model(EngineOptions(model=str(folder), device="cpu", dtype=args.dtype))
     steps = {"steps": args.steps} if args.steps else {}
     rows: dict[tuple[str, bool], list[dict]] = {}
     started = time.perf_counter()
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = rows.setdefault((mode, robust), [])
             for seed in range(args.seeds):
                 for family, image_seed, side in IMAGES:
-                    options = EngineOptions(model=str(folder), device="cpu", dtype="fp32", mode=mode,
+                    options = EngineOptions(model=str(folder), device="cpu", dtype=args.dtype, mode=mode,
                                             robust=robust, seed=seed, **steps)
                     image = f"{family}{image_seed}@{side}"
                     runs.append({"image": image, "seed": seed,

@@ -129,7 +129,7 @@ def load_engine_model(options):
     from fixative.engine.model import assemble_model, pick_device, pick_dtypes
 
     device = pick_device(options.device)
-    vae_dtype, dtype = pick_dtypes(options.dtype, device, options.mode)
+    vae_dtype, dtype = pick_dtypes(options.dtype, device)
     model = assemble_model(
         build_vae(device, vae_dtype),
         build_unet(device, dtype),

@@ -544,7 +544,7 @@ def mode_job(spec: dict) -> dict:
         for overrides in spec.get("sweep", []):
             try:
                 variant = EngineOptions(**{**settings, **overrides})
-                dtype = pick_dtypes(variant.dtype, device, variant.mode) if "dtype" in overrides else own
+                dtype = pick_dtypes(variant.dtype, device) if "dtype" in overrides else own
             except Exception as error:  # e.g. fp16 asked for on a CPU
                 result["sweep"].append({"changed": overrides, "error": str(error)})
                 continue

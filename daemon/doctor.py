@@ -82,7 +82,7 @@ def probe() -> None:
         seen = found["devices"][name] = {}
         try:
             device = pick_device(name)
-            pick_dtypes(options.dtype, device, options.mode)
+            pick_dtypes(options.dtype, device)
             seen["type"] = device.type
             if device.type == "cuda":
                 props = torch.cuda.get_device_properties(device)

@@ -84,8 +84,8 @@ LOADING_STATUS = "loading model"  # `fixative run` sends READY once the engine's
 FINISH_ON_STOP_SECONDS = 60.0
 MAX_PAUSE_SECONDS = 600.0  # longest wait between tries while the export folder is unusable
 # The options that load_model builds into the model; a job queued with other
-# values needs the model loaded again (mode too: with dtype auto it picks the UNet's precision).
-MODEL_OPTIONS = ("model", "device", "dtype", "low_vram", "prompt", "mode")
+# values needs the model loaded again.
+MODEL_OPTIONS = ("model", "device", "dtype", "low_vram", "prompt")
 OUTPUT_MODE = 0o644  # mkstemp makes files 0600; protected copies are meant to be shared
 
 

@@ -101,31 +101,24 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# The modes whose steps never differentiate through the UNet: sds runs it under
-# no_grad (score distillation), encoder does not run it at all. Only the
-# report's figures and these forwards use it.
-UNET_FORWARD_ONLY_MODES = ("sds", "encoder")
-
-
-def pick_dtypes(name: str, device: torch.device, mode: str) -> tuple[torch.dtype, torch.dtype]:
-    """(VAE dtype, UNet dtype) for the ``dtype`` option and the attack ``mode``.
+def pick_dtypes(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(VAE dtype, UNet dtype) for the ``dtype`` option.
 
     fp16 VAE encoders overflow into NaNs (SDXL's famously does), so an fp16
     run keeps the VAE in fp32; bf16 has fp32's range and is safe there.
 
-    ``auto`` follows what was measured (bench/README.md, "Precision on the
-    CPU"): on a GPU with bf16, both in bf16. On a CPU with native bf16, the VAE
-    in bf16 (its convolutions ran 2.1x faster than in fp32), and the UNet in
-    bf16 only where it runs forward alone (UNET_FORWARD_ONLY_MODES): its
-    forward ran 1.65x faster in bf16, its forward and backward together 1.4x
-    *slower*, so advdm and mist keep it in fp32. bf16 also halves the UNet's
-    3.4 GB of weights. Elsewhere fp32. Protection was the same in bf16 (tiny model).
+    ``auto`` follows what was measured: bf16 wherever the hardware computes it
+    natively, a GPU with bf16 or a CPU with AVX512-BF16 or AMX. On such a CPU
+    the VAE's convolutions ran 2.1x faster than in fp32, and the UNet's
+    forward 1.6x and its forward and backward 1.7x faster (bench/README.md,
+    "Precision on the CPU"); bf16 also halves the UNet's 3.4 GB of weights.
+    Elsewhere fp32. Protection was the same in bf16 (tiny model).
     """
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16, torch.bfloat16
         if device.type == "cpu" and _cpu_has_native_bf16():
-            return torch.bfloat16, (torch.bfloat16 if mode in UNET_FORWARD_ONLY_MODES else torch.float32)
+            return torch.bfloat16, torch.bfloat16
         return torch.float32, torch.float32
     if name == "fp16" and device.type == "cpu":
         raise UnsupportedDevice("fp16 is not supported on the CPU; use bf16 or fp32")
@@ -210,7 +203,7 @@ def load_model(options: EngineOptions, generation: bool = False) -> LoadedModel:
     ``generation`` keeps what sampling images needs (``fixative check``): the
     text encoder (on the CPU) behind ``embed``, the VAE decoder and the scheduler's config.
     """
-    vae_dtype, dtype = pick_dtypes(options.dtype, pick_device(options.device), options.mode)
+    vae_dtype, dtype = pick_dtypes(options.dtype, pick_device(options.device))
     path = resolve_model_folder(options.model)
     if path.is_file():
         vae, unet, text_encoder, tokenizer, scheduler = _load_single_file(path)
@@ -265,7 +258,7 @@ def assemble_model(
         # One engine per GPU: what takes no device (empty_cache, the bf16 check,
         # a library's default) must mean this engine's GPU, not cuda:0.
         torch.cuda.set_device(device)
-    vae_dtype, dtype = pick_dtypes(options.dtype, device, options.mode)
+    vae_dtype, dtype = pick_dtypes(options.dtype, device)
     # Single-file checkpoints arrive in fp32; folders were loaded in the right dtype already.
     vae = vae.to(device=device, dtype=vae_dtype) if vae.dtype != vae_dtype else vae.to(device)
     unet = unet.to(device=device, dtype=dtype) if unet.dtype != dtype else unet.to(device)
