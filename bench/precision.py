@@ -11,7 +11,7 @@ SD-1.5's UNet (bench/sd15.py: the real architecture, random weights) on one
 Both dtypes are built once and measured in alternating rounds in one process,
 after a warm-up call of each. ``engine.model.pick_dtypes`` follows this table
 (bench/README.md, "Precision on the CPU"): on a CPU with native bf16 the UNet
-is bf16 for the modes that run it forward alone.
+is bf16, in every mode.
 """
 
 from __future__ import annotations
