@@ -67,7 +67,9 @@ def test_two_engines_drain_20_images_each_once_through_kill_9_of_each_and_status
     The default 300 s lease: only a release by the supervisor can put a dead
     engine's job back within seconds. (A job takes seconds, most of it the report's figures.)
     """
-    daemon = two_engines(FIXATIVE_ENGINE__STEPS="2", FIXATIVE_WORKER__LEASE_SECONDS="300")
+    # 40 steps: once the tiny model's UNet ran in bf16 and the report took 8 gain samples, a
+    # 2-step job took 0.5 s, and jobs finished before they could be caught mid-job and killed.
+    daemon = two_engines(FIXATIVE_ENGINE__STEPS="40", FIXATIVE_WORKER__LEASE_SECONDS="300")
     drop(daemon, 20, side=256)
     daemon.start()
 
