@@ -38,7 +38,7 @@ class EngineOptions(BaseModel):
         description="A local diffusers folder, a single-file .safetensors checkpoint, "
         "or a Hugging Face id already in the local cache.",
     )
-    # sds, maximising: at full SD-1.5 scale on the CPU, 2.5x faster per image than
+    # sds, maximising: at full SD-1.5 scale on the CPU, 2.7x faster per image than
     # the reference AdvDM loop, report included, with a stronger protection after JPEG
     # on the tiny trained model (bench/README.md). advdm stays available as the paper's method.
     mode: Mode = "sds"
