@@ -60,19 +60,16 @@ def draws(model, like, name: str, generator):
 
 
 def gain_minus_one(model, original, protected, t, eps, noise) -> float:
-    """(gain - 1) over the given samples, computed as engine.metrics.protection_figures does."""
+    """(gain - 1) over the given samples, by the engine's own loss (engine.metrics.mean_losses)."""
     import torch
 
-    from fixative.engine.diffusion import denoiser_residual, encode
+    from fixative.engine.diffusion import encode
+    from fixative.engine.metrics import mean_losses
 
     with torch.no_grad():
         mean, std = encode(model, torch.cat([original, protected]))
-        losses = []
-        for i in range(2):
-            z = (mean[i : i + 1] + std[i : i + 1] * noise).expand(len(t), -1, -1, -1)
-            residuals = [denoiser_residual(model, z[j : j + 16], t[j : j + 16], eps[j : j + 16]) for j in range(0, len(t), 16)]
-            losses.append(torch.cat(residuals).square().mean().item())
-    return losses[1] / losses[0] - 1
+    loss_original, loss_protected = mean_losses(model, mean, std, t, eps, noise)
+    return loss_protected / loss_original - 1
 
 
 def main(argv: list[str] | None = None) -> int:
