@@ -68,6 +68,8 @@ SCHEDULER_CONFIG = dict(
 )
 
 TEXT_TOKENS, TEXT_DIM = 77, 768
+# SD-1.5's CLIP ViT-L/14 text encoder, for save_model; its vocabulary is engine.tiny's bytes, not CLIP's 49408 tokens.
+TEXT_CONFIG = dict(hidden_size=TEXT_DIM, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu")
 EXPECTED_PARAMS = {"unet": 859.5e6, "vae": 83.7e6}
 
 
@@ -139,3 +141,17 @@ def load_engine_model(options):
         source="<sd15-random-weights>",
     )
     return model, "fixative.engine.model.assemble_model with in-memory SD-1.5 parts"
+
+
+def save_model(folder, device: torch.device, dtype: torch.dtype):
+    """SD-1.5's architecture with random weights in ``dtype``, saved in the diffusers folder layout.
+
+    For a bench that loads the model the way a user's daemon does, through
+    ``engine.model.load_model`` (bench/batch_queue.py ``--scale full``). The
+    text encoder is CLIP ViT-L's shape over engine.tiny's byte vocabulary.
+    """
+    from fixative.engine.tiny import save_model_folder
+
+    unet, vae = build_unet(device, dtype), build_vae(device, dtype)
+    torch.manual_seed(3)  # the text encoder's draws
+    return save_model_folder(folder, unet, vae, TEXT_CONFIG)

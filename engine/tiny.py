@@ -87,6 +87,21 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
 
 def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     """Write a random tiny SD-shaped model into ``folder`` (diffusers layout) and return it."""
+    unet, vae = tiny_unet(seed), tiny_vae(seed)
+    torch.manual_seed(seed)  # the text encoder's draws
+    text_config = dict(hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return save_model_folder(folder, unet, vae, text_config)
+
+
+def save_model_folder(folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_config: dict) -> Path:
+    """Save an SD-shaped model in the diffusers folder layout that ``engine.model.load_model`` reads.
+
+    The parts given, plus what every such model needs: the byte-level CLIP
+    tokenizer, a CLIP text encoder of ``text_config`` with random weights from
+    torch's global generator (seed it first), SD's DDPM scheduler and
+    ``model_index.json``. The tiny model and the bench's full-scale SD-1.5
+    (bench/sd15.py) are both written by this.
+    """
     folder = Path(folder)
     vocab, merges = _byte_vocab()
     tokenizer_dir = folder / "tokenizer"
@@ -95,23 +110,19 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     (tokenizer_dir / "merges.txt").write_text("\n".join(merges) + "\n")
     CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77).save_pretrained(tokenizer_dir)
 
-    torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
-            hidden_size=TEXT_DIM,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],
+            **text_config,
         )
     )
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    tiny_unet(seed).save_pretrained(folder / "unet", safe_serialization=True)
-    tiny_vae(seed).save_pretrained(folder / "vae", safe_serialization=True)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000).save_pretrained(
         folder / "scheduler"
     )
