@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Batching in the engine: PGD seconds per image and peak memory for batches of 1, 2, 4 and 8 images.
 
-    python bench/batching.py [--scale tiny|full] [--batches 1,2,4,8] [--steps N] [--rounds 2] [--threads 1] [--json FILE]
+    python bench/batching.py [--scale tiny|full] [--batches 1,2,4,8] [--steps N] [--rounds 2] [--threads 1]
+                             [--device cpu|cuda] [--json FILE]
 
 Issue 10, item 5, the engine's half. Each batch size protects that many
 different paintings of one size (``--size``: 128 px on the tiny model, 512 px
@@ -17,8 +18,11 @@ alike; seconds per image = (mean time of a batch) x 100 / steps / batch size,
 reset through ``/proc/self/clear_refs`` before each batch) in the warm-up,
 which runs the batch sizes in increasing order (the allocator keeps what a
 larger batch freed, so a smaller batch run after it would read high), and what
-each image beyond the first batch size adds to it. Linux only (``/proc``). The queue-level figure (images per hour for a queue of
-16) is bench/batch_queue.py's. Results: bench/README.md, "Batching".
+each image beyond the first batch size adds to it. Linux only (``/proc``). On
+a GPU (``--device cuda``, full scale only) the peak is
+``torch.cuda.max_memory_allocated``, reset before each batch. The queue-level
+figure (images per hour for a queue of 16) is bench/batch_queue.py's.
+Results: bench/README.md, "Batching".
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ DEFAULT_SIZE = {"tiny": 128, "full": 512}
 EXTRAPOLATED_STEPS = 100  # the engine's default
 
 
-def load(scale: str, threads: int):
-    """(model, options) at the engine's defaults: the tests' tiny model (fp32), or SD-1.5's architecture (dtype auto)."""
+def load(scale: str, threads: int, device: str):
+    """(model, options) at the engine's defaults: the tests' tiny model (fp32, CPU), or SD-1.5's architecture (dtype auto)."""
     import torch
 
     from fixative.engine.options import EngineOptions
@@ -57,7 +61,7 @@ def load(scale: str, threads: int):
         return model, EngineOptions(model=str(folder), device="cpu", dtype="fp32")
     from sd15 import load_engine_model
 
-    options = EngineOptions(device="cpu")
+    options = EngineOptions(device=device)
     return load_engine_model(options)[0], options
 
 
@@ -71,19 +75,26 @@ def measure(args: argparse.Namespace) -> dict:
     batches = [int(n) for n in args.batches.split(",")]
     steps = args.steps or DEFAULT_STEPS[args.scale]
     size = args.size or DEFAULT_SIZE[args.scale]
-    model, options = load(args.scale, args.threads)
+    model, options = load(args.scale, args.threads, args.device)
+    cuda = model.device.type == "cuda"
     options = options.model_copy(update={"steps": steps})
     geometry = Geometry.plan(size, size, model.resolution, model.size_multiple)
     images = synthetic_paintings(max(batches), size, seed=3)  # (N, 3, size, size) in [-1, 1], each its own
-    model_rss = proc_status("VmRSS")
+    model_rss = torch.cuda.memory_allocated(model.device) if cuda else proc_status("VmRSS")
     say(f"{args.scale} scale, {size}x{size}, mode {options.mode}, robust {options.robust}, {steps} steps "
-        f"({options.steps // 2} coarse), UNet {model.dtype}, VAE {model.vae.dtype}, {args.threads} threads; "
-        f"model loaded: {model_rss / GIB:.2f} GiB RSS")
+        f"({options.steps // 2} coarse), UNet {model.dtype}, VAE {model.vae.dtype}, {model.device}, {args.threads} threads; "
+        f"model loaded: {model_rss / GIB:.2f} GiB {'allocated on the GPU' if cuda else 'RSS'}")
 
     def run(n: int, steps_now: int) -> tuple[float, int]:
-        reset_peak()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(model.device)
+        else:
+            reset_peak()
         started = time.perf_counter()
         perturbation(model, options.model_copy(update={"steps": steps_now}), [geometry] * n, images[:n].to(model.device), None)
+        if cuda:
+            torch.cuda.synchronize(model.device)
+            return time.perf_counter() - started, torch.cuda.max_memory_allocated(model.device)
         return time.perf_counter() - started, proc_status("VmHWM")
 
     peaks = {}
@@ -111,7 +122,8 @@ def measure(args: argparse.Namespace) -> dict:
         extra = "" if row["extra_bytes_per_image"] is None else f"{row['extra_bytes_per_image'] / GIB:.2f}"
         say(f"| {row['batch']} | {row['pgd_seconds_per_image']:.2f} | "
             f"{rows[0]['pgd_seconds_per_image'] / row['pgd_seconds_per_image']:.2f}x | {row['peak_bytes'] / GIB:.2f} | {extra} |")
-    return {"scale": args.scale, "size": size, "steps": steps, "threads": args.threads, "model_rss_bytes": model_rss,
+    return {"scale": args.scale, "size": size, "steps": steps, "threads": args.threads, "device": str(model.device),
+            "gpu": torch.cuda.get_device_name(model.device) if cuda else None, "model_bytes": model_rss,
             "machine": machine_info(), "rows": rows}
 
 
@@ -123,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="timed PGD steps per batch and round (tiny: 20, full: 2)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="full scale: cpu or cuda")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     args = parser.parse_args(argv)
+    if args.scale == "tiny" and args.device != "cpu":
+        parser.error("the tiny model runs on the CPU; --device is for --scale full")
     result = measure(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(BENCH))
 SIDE = 256
 
 
-def write_images(folder: Path, count: int) -> None:
+def write_images(folder: Path, count: int, side: int = SIDE) -> None:
     from PIL import Image
 
     from fixative.engine.synthetic import FAMILIES, family_images
@@ -45,22 +45,23 @@ def write_images(folder: Path, count: int) -> None:
     folder.mkdir(parents=True)
     for number in range(count):
         family = list(FAMILIES)[number % len(FAMILIES)]
-        image = family_images(family, 1, SIDE, seed=number)[0]
+        image = family_images(family, 1, side, seed=number)[0]
         rgb = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
         Image.fromarray(rgb).save(folder / f"{number:03d}.png")
 
 
-def drain(model: Path, images: int, steps: int, engines: int, batch_size: int = 1) -> float:
-    """Run ``fixative run`` with ``engines`` CPU engines until ``images`` are done; images per hour.
+def drain(model: Path, images: int, steps: int, engines: int, batch_size: int = 1, device: str = "cpu", side: int = SIDE) -> float:
+    """Run ``fixative run`` with ``engines`` engines on ``device`` until ``images`` are done; images per hour.
 
-    ``batch_size``: ``[engine] batch_size`` (bench/batch_queue.py).
+    ``batch_size``: ``[engine] batch_size``; ``device`` and ``side``: a GPU and
+    512 px images for bench/batch_queue.py ``--scale full``.
     """
     from fixative.daemon.store import JobStore
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        write_images(root / "inbox", images)
-        devices = ", ".join(['"cpu"'] * engines)
+        write_images(root / "inbox", images, side)
+        devices = ", ".join([f'"{device}"'] * engines)
         (root / "config.toml").write_text(f"""
 inbox = "{root / 'inbox'}"
 export_dir = "{root / 'export'}"
