@@ -28,10 +28,10 @@ part() {  # part NAME SECONDS COMMAND...: run one part, its output to OUTDIR/NAM
     echo "== $name: exit $? after $((SECONDS - started)) s (limit $seconds s)" | tee -a "$out/parts.txt"
 }
 
-part full 300 python3 bench/run.py --scale full --sizes 512x512 --no-quality \
+part full 270 python3 bench/run.py --scale full --sizes 512x512 --no-quality \
     --modes sds,advdm,mist,encoder,sds+robust=false,sds+low_vram,advdm+low_vram --json "$out/full.json"
-part queue 200 python3 bench/batch_queue.py --scale full --device cuda --images 16 --steps 100 --rounds 1 --batch-size 4
-part batching 100 python3 bench/batching.py --scale full --device cuda --batches 1,4,8,16 --steps 10 --rounds 2 \
+part queue 180 python3 bench/batch_queue.py --scale full --device cuda --images 16 --steps 100 --rounds 1 --batch-size 4
+part batching 90 python3 bench/batching.py --scale full --device cuda --batches 1,4,8,16 --steps 10 --rounds 2 \
     --json "$out/batching.json"
 
 # The tables, last, so that they are what a short tail of the output shows.
