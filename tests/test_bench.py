@@ -74,6 +74,23 @@ def test_full_scale_model_goes_through_the_engine_s_assembly():
 
 
 @pytest.mark.slow
+def test_full_scale_model_saved_loads_through_the_product_s_loader(tmp_path: Path):
+    """bench/batch_queue.py --scale full drains a real queue on this folder: it must load as a user's model does."""
+    import torch
+
+    from fixative.engine.model import load_model
+    from fixative.engine.options import EngineOptions
+
+    sd15 = _import_sd15()
+    folder = sd15.save_model(tmp_path / "sd15", torch.device("cpu"), torch.bfloat16)
+    model = load_model(EngineOptions(model=str(folder), device="cpu", dtype="bf16"))
+    assert sum(p.numel() for p in model.unet.parameters()) == pytest.approx(sd15.EXPECTED_PARAMS["unet"], rel=1e-3)
+    assert (model.resolution, model.size_multiple) == (512, 64)
+    assert model.dtype == torch.bfloat16
+    assert model.text_embedding.shape == (1, sd15.TEXT_TOKENS, sd15.TEXT_DIM)  # the prompt, through the saved CLIP encoder
+
+
+@pytest.mark.slow
 def test_tiny_bench_runs_and_reports_every_mode(tmp_path: Path, tiny_model: Path):
     # tiny_model: the session's trained tiny model, so the bench finds it in pytest's cache.
     figures = tmp_path / "bench.json"
