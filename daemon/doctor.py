@@ -23,8 +23,8 @@ OK, WARN, FAIL = "ok", "WARN", "FAIL"
 INOTIFY_SYSCTL = "fs.inotify.max_user_watches"
 LOW_DISK_BYTES = 1 << 30  # a few protected PNGs of large artwork, with room to spare
 PROBE_TIMEOUT_SECONDS = 300  # the first CUDA initialisation can take minutes
-# The README's words, from bench/README.md's full-scale table (sds, 512x512, 2 cores: 1525 s).
-CPU_SPEED = "one 512x512 image takes tens of minutes (about 25 on 2 cores, bench/README.md)"
+# The README's words, from bench/README.md's quiet full-scale run (sds, 512x512, 2 cores: 889 s).
+CPU_SPEED = "one 512x512 image takes about 15 minutes on 2 cores (bench/README.md)"
 
 
 def run_checks(settings: Settings) -> list[tuple[str, str]]:
@@ -58,7 +58,7 @@ def _engine_checks(settings: Settings) -> list[tuple[str, str]]:
         if "error" in seen:
             results.append((FAIL, f"{key}: {seen['error']}"))
         elif seen["type"] == "cpu":
-            results.append((WARN, f"{key}: cpu. It works, but {CPU_SPEED}; a CUDA GPU is far faster"))
+            results.append((WARN, f"{key}: cpu. It works, but {CPU_SPEED}; a CUDA GPU is far faster (6.5-10 s on an H200)"))
         else:
             results.append((OK, f"{key}: {seen['type']} {seen.get('name', '')}".rstrip()))
     if "model_error" in found:
