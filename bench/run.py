@@ -377,7 +377,7 @@ def print_speed_table(results: dict, scale: str) -> None:
             say(
                 "  * per image EXTRAPOLATED: overhead + steps per image x s/step, from "
                 f"{'/'.join(map(str, measured))} measured step(s) per process after a warm-up step "
-                "(modes: the overhead includes that first step, which on a GPU follows a 1-step warm-up image; "
+                "(modes: the overhead includes that first step, which on a GPU follows a 10-step warm-up image; "
                 "reference: its warm-up step is excluded)"
             )
         for what, figures in row.items():

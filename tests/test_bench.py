@@ -162,3 +162,19 @@ def test_batching_table_runs_on_the_tiny_model(tmp_path: Path, tiny_model: Path)
     assert all(row["pgd_seconds_per_image"] > 0 and row["peak_bytes"] > 0 for row in rows)
     assert rows[0]["extra_bytes_per_image"] is None and rows[1]["extra_bytes_per_image"] is not None
     assert "| 2 |" in done.stdout
+
+
+@pytest.mark.slow
+def test_op_count_table_counts_the_eot_and_the_model(tmp_path: Path, tiny_model: Path):
+    """bench/op_count.py: a robust step is the plain step plus the EOT's operations, and the EOT has some."""
+    figures = tmp_path / "ops.json"
+    done = subprocess.run(
+        [sys.executable, "bench/op_count.py", "--steps", "4", "--json", str(figures)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    counts = json.loads(figures.read_text())
+    plain, full = counts["sd15"]["sds, robust off"], counts["sd15"]["sds, a full-size robust step"]
+    assert plain["ops"] > 500  # SD-1.5's encoder forward and backward and UNet forward: about 1100
+    assert counts["eot"]["ops"] > 0 and full["ops"] == plain["ops"] + counts["eot"]["ops"]
+    assert "| sds, a half-side robust step |" in done.stdout
