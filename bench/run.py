@@ -293,7 +293,6 @@ def measure(
                 spec = {**base, "job": "reference", "seeds": seeds}
             else:
                 spec = {**base, "job": "mode", "mode": variant["mode"], "overrides": variant["overrides"], "label": what}
-                spec["warmup_call"] = scale == "tiny"
                 plain = not variant["overrides"]
                 spec["seeds"] = seeds if plain and what == defaults.mode else seeds[:1]
                 if evaluate and plain and (sweep == "all" or (sweep == "default" and what == defaults.mode)):

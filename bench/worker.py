@@ -473,14 +473,14 @@ def mode_job(spec: dict) -> dict:
     source = source_image(rgb)
     measured = measured_steps(spec, device)
     full_run = measured is None
-    if spec.get("warmup_call") or device.type == "cuda":
-        # A whole image first, so the measured runs start warm. Cheap at tiny scale (1 step) and on a GPU,
-        # where it matters: the first step of a process took 3.3 s (sds) to 8.1 s (advdm) against about
-        # 0.06 s warm (H200, bench/README.md "On a GPU"), the kernels' loading and the libraries' setup,
-        # which an engine pays once and not per image, as the reference's warm-up step is left out of its
-        # figure. On a GPU, 10 steps: both stages, and most of the EOT's branches, each of which loads its
-        # own kernels the first time it is drawn.
-        warm_steps = 10 if device.type == "cuda" else 1
+    # A whole image first, so the measured runs start warm. Cheap at tiny scale (1 step) and on a GPU, where
+    # it matters: the first step of a process took 3.3 s (sds) to 8.1 s (advdm) against about 0.06 s warm
+    # (H200, bench/README.md "On a GPU"), the kernels' loading and the libraries' setup, which an engine pays
+    # once and not per image, as the reference's warm-up step is left out of its figure. On a GPU, 10 steps:
+    # both stages, and most of the EOT's branches, each of which loads its own kernels the first time it is
+    # drawn. Not at full scale on a CPU, where a warm-up image would cost minutes and the cold step is noise.
+    warm_steps = 1 if spec["scale"] == "tiny" else 10 if device.type == "cuda" else 0
+    if warm_steps:
         protect_image(source, model, EngineOptions(**{**settings, "steps": warm_steps}))
     steps = options.steps if full_run else timed_run_steps(measured, options)
     seeds = spec.get("seeds") or [options.seed]
