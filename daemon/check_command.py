@@ -1,6 +1,6 @@
 """``fixative check ORIGINALS_DIR``: fine-tune on the protected copies as a mimic would, and show the result.
 
-The math is ``engine.mimicry``'s; this module finds and vets the files,
+The math is ``fixative.engine.mimicry``'s; this module finds and vets the files,
 makes the protected (and served) copies, drives one progress bar, and writes
 the contact sheet, the JSON report and the verdict. Everything that can be
 wrong with the input (no images, a copy that does not match its original, a

@@ -5,7 +5,7 @@ Commands import their heavy parts lazily, so ``fixative status`` and
 
 Exit codes: 0 fine, 1 something failed, 3 the daemon is down (``status``),
 75 another daemon holds the state folder (``run``, ``watch``, ``engine``; see
-``daemon.lock``), 78 (EX_CONFIG) the configuration is invalid, 141 the reader of
+``fixative.daemon.lock``), 78 (EX_CONFIG) the configuration is invalid, 141 the reader of
 the output went away (``status | head``). The unit does not restart on 75 or
 78: restarting cannot help either.
 """
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("engine", help="protect queued images on one device (a GPU)")
     p.add_argument("--device", type=_device, metavar="DEVICE",
                    help="cpu, cuda, cuda:1, mps... (default: [engine] device); queued jobs run here whatever they were queued with")
-    # How `fixative run` hands its state-folder lock to its engine child (daemon.lock).
+    # How `fixative run` hands its state-folder lock to its engine child (fixative.daemon.lock).
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--owner", help=argparse.SUPPRESS)  # set by `fixative run`, to release a dead engine's job
     p.add_argument("--label", help=argparse.SUPPRESS)  # set by `fixative run`: "cpu#2" for a device's second engine
@@ -157,13 +157,13 @@ def _device(value: str) -> str:
 def _engine(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from fixative.daemon.logs import configure_logging
-    from fixative.daemon.worker import run_engine
+    from fixative.daemon.worker import run_worker
 
     configure_logging(args.verbose)
     if args.device:
         settings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"device": args.device})})
     with hold(settings.state_dir, "engine", inherited_fd=args.lock_fd):
-        return run_engine(settings, _stop_event(), args.owner, args.label)
+        return run_worker(settings, _stop_event(), args.owner, args.label)
 
 
 def _run(args: argparse.Namespace) -> int:

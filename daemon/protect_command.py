@@ -166,7 +166,7 @@ def run_protect(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from fixative.daemon.worker import write_atomically
+    from fixative.daemon.files import write_atomically
     from fixative.engine.errors import EngineError
     from fixative.engine.model import load_model
     from fixative.engine.protect import protect_file

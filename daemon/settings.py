@@ -99,7 +99,7 @@ class EngineSettings(EngineOptions):
     # with its own model copy); on a CPU that is how two engines are tried.
     devices: list[Device] | None = Field(None, min_length=1)
     # How many queued jobs of the same settings an engine claims and protects as
-    # one batch per PGD step (daemon.worker). Memory grows with it; 1 is one at a time.
+    # one batch per PGD step (fixative.daemon.worker). Memory grows with it; 1 is one at a time.
     batch_size: int = Field(1, ge=1)
 
 
@@ -154,7 +154,7 @@ class Settings(BaseSettings):
 
     @property
     def batch_size(self) -> int:
-        """``[engine] batch_size``: the most jobs an engine protects together (see ``daemon.worker``)."""
+        """``[engine] batch_size``: the most jobs an engine protects together (see ``fixative.daemon.worker``)."""
         return self._batch_size
 
     @field_validator("state_db")

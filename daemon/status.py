@@ -2,7 +2,7 @@
 
 It never talks to the daemon's processes: the watcher and each engine write a
 heartbeat row every few seconds, and a process whose heartbeat is older than
-:data:`ALIVE_WITHIN_SECONDS` counts as dead. So status works the same from a
+:data:`fixative.daemon.liveness.ALIVE_WITHIN_SECONDS` counts as dead. So status works the same from a
 terminal, a script or a cron job, and cannot hang on a stuck daemon.
 
 The engines shown are those this machine's settings start (one per ``[engine]
@@ -12,62 +12,17 @@ alive, such as one on another machine sharing the job table.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import time
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
+from fixative.daemon.liveness import engine_labels, engine_name, is_alive, is_stalled, watcher_name
 from fixative.daemon.settings import Settings
-from fixative.daemon.store import STATES, Job, StoreUnavailable, describe_store, open_store, store_exists
+from fixative.daemon.store import (STATES, Job, StoreUnavailable, describe_store, free_bytes, looks_full, open_store,
+                                   store_exists)
 
-# Both processes beat at least every 10 s (watcher 5 s, engine worker.heartbeat_seconds),
-# so a minute of silence means the process is gone.
-ALIVE_WITHIN_SECONDS = 60.0
-# A live process whose loop has not moved for this long is stuck (a hung GPU
-# driver). The same figure as the unit's WatchdogSec (tests/test_systemd_unit.py
-# checks it): `fixative run` kills and restarts an engine stalled this long, at
-# the moment status starts to call it STALLED (daemon.supervisor). Long enough
-# for the longest silence measured in a healthy engine, on 2 CPU cores
-# (bench/README.md, 768x512): 21 s per step, and 268 s for the first step plus
-# the report's figures, which report no progress.
-STALLED_AFTER_SECONDS = 600.0
-# What status calls a full state disk. SQLite needs a few pages per write; with
-# less than this left for this user (statvfs f_bavail), writes are failing or about to.
-FULL_BELOW_BYTES = 1 << 20
 # LSB's exit status for "program is not running", as `systemctl status` uses it.
 EXIT_DAEMON_DOWN = 3
-
-
-def engine_labels(devices: list[str]) -> list[str]:
-    """What tells the engines apart on this machine: their devices, ``cpu#2`` for a device's second engine."""
-    seen: Counter[str] = Counter()
-    labels = []
-    for device in devices:
-        seen[device] += 1
-        labels.append(device if seen[device] == 1 else f"{device}#{seen[device]}")
-    return labels
-
-
-def engine_name(label: str) -> str:
-    """An engine's name in the job table (its heartbeat row, its mark on jobs): ``engine cuda:1@host``.
-
-    Stable across restarts, unlike its lease owner id. The host is in it because
-    several machines may share one job table.
-    """
-    return f"engine {label}@{socket.gethostname()}"
-
-
-def watcher_name() -> str:
-    """The watcher's heartbeat row: ``watcher@host``, one per machine, like the engines'.
-
-    Several machines may share one job table, each watching an inbox of its own.
-    Under one shared name ("watcher", as before), status showed whichever beat
-    last, and ``fixative run`` took another machine's live watcher for its own
-    when deciding whether to ping systemd's watchdog.
-    """
-    return f"watcher@{socket.gethostname()}"
 
 
 def _watcher(beats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -93,7 +48,7 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
     report: dict[str, Any] = {
         "up": False,
         # Why it is not up, when that is not a dead process: the daemon waits out a full
-        # state disk without a heartbeat to record it in (daemon.state_disk).
+        # state disk without a heartbeat to record it in (fixative.daemon.store_wait).
         "waiting": None,
         "database": describe_store(settings),  # a PostgreSQL URL without its password
         "processes": {"watcher": _never_started()},
@@ -166,32 +121,6 @@ def _engines(configured: list[dict[str, Any]], beats: dict[str, dict[str, Any]],
         engine["running"] = batch[0] if batch else None
         engine["throughput_24h"] = throughput.get(engine["name"], {"done": 0, "mean_seconds": None})
     return engines
-
-
-def free_bytes(state_dir: Path) -> int:
-    folder = state_dir
-    while not folder.exists():  # not created yet: the disk it will be on
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-def looks_full(settings: Settings) -> bool:
-    """Whether the SQLite job table's disk is full. A PostgreSQL job table is not on it (``state_db``)."""
-    return not settings.state_db and free_bytes(settings.state_dir) < FULL_BELOW_BYTES
-
-
-def is_alive(beat: dict[str, Any] | None) -> bool:
-    # "stopped", or "stopped: <why>" from an engine that could not start (a device that does not exist).
-    return beat is not None and beat["age_seconds"] < ALIVE_WITHIN_SECONDS and not beat["status"].startswith("stopped")
-
-
-def is_stalled(beat: dict[str, Any] | None) -> bool:
-    return beat is not None and beat["progress_age_seconds"] > STALLED_AFTER_SECONDS
-
-
-def is_healthy(beat: dict[str, Any] | None) -> bool:
-    """Alive and moving: what `status` calls up."""
-    return is_alive(beat) and not is_stalled(beat)
 
 
 def _running(job: Job, now: float) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The job table: the only thing the watcher and the engine share.
 
-One SQLite file (``state_dir/jobs.db``, ``daemon.store_sqlite``), or a
+One SQLite file (``state_dir/jobs.db``, ``fixative.daemon.store_sqlite``), or a
 PostgreSQL database that engines on several machines share
-(``state_db = "postgresql://..."``, ``daemon.store_postgres``). Every rule and
+(``state_db = "postgresql://..."``, ``fixative.daemon.store_postgres``). Every rule and
 every statement is here, written once for both; a backend only connects, runs
 statements, opens write transactions and migrates. The rules that keep the
 table from losing or repeating work, each borrowed from a queue that got it
@@ -41,9 +41,9 @@ one of them has. Where the two really differ, the backend says so
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -52,11 +52,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fixative.daemon.files import file_sha256
 from fixative.engine.options import EngineOptions
 
 if TYPE_CHECKING:
     from fixative.daemon.settings import Settings
 
+# What counts as a full state disk. SQLite needs a few pages per write; with
+# less than this left for this user (statvfs f_bavail), writes are failing or about to.
+FULL_BELOW_BYTES = 1 << 20
 STATES = ("queued", "running", "done", "failed", "skipped", "superseded")
 
 
@@ -64,9 +68,9 @@ class StoreUnavailable(Exception):
     """The job table cannot be read or written for now: not the image's fault, and not a crash.
 
     The watcher, the engine and ``fixative run`` wait and try again
-    (``daemon.state_disk``), saying why in the log, and nothing is lost
+    (:mod:`fixative.daemon.store_wait`), saying why in the log, and nothing is lost
     meanwhile: what could not be recorded is recorded once the table answers
-    (``daemon.store_postgres`` says why a write whose answer was lost is safe either way).
+    (:mod:`fixative.daemon.store_postgres` says why a write whose answer was lost is safe either way).
     """
 
     remedy = "try again once it answers (the daemon waits for it by itself)"
@@ -83,7 +87,7 @@ class StateDiskFull(StoreUnavailable):
 
 
 class Backend(Protocol):
-    """What differs between SQLite and PostgreSQL; see ``daemon.store_sqlite`` and ``daemon.store_postgres``."""
+    """What differs between SQLite and PostgreSQL; see ``fixative.daemon.store_sqlite`` and ``fixative.daemon.store_postgres``."""
 
     skip_locked: str  # appended to a claim's SELECT: rows another claimer holds are passed over
 
@@ -118,6 +122,18 @@ def store_exists(settings: Settings) -> bool:
     return bool(settings.state_db) or settings.db_path.exists()
 
 
+def free_bytes(state_dir: Path) -> int:
+    folder = state_dir
+    while not folder.exists():  # not created yet: the disk it will be on
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def looks_full(settings: Settings) -> bool:
+    """Whether the SQLite job table's disk is full. A PostgreSQL job table is not on it (``state_db``)."""
+    return not settings.state_db and free_bytes(settings.state_dir) < FULL_BELOW_BYTES
+
+
 @dataclass
 class Job:
     id: int
@@ -149,14 +165,6 @@ class Job:
     def from_row(cls, row: dict[str, Any]) -> Job:
         return cls(**{**row, "metrics": json.loads(row["metrics"]) if row["metrics"] else {},
                       "options": json.loads(row["options"]) if row["options"] else None})
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):  # streamed: artwork can be hundreds of MB
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class JobStore:

@@ -1,7 +1,7 @@
 """The job table in a PostgreSQL database, shared by engines on several machines.
 
-What PostgreSQL needs that SQLite (``daemon.store_sqlite``) does not; the
-rules themselves, and every statement they run, are in ``daemon.store``.
+What PostgreSQL needs that SQLite (``fixative.daemon.store_sqlite``) does not; the
+rules themselves, and every statement they run, are in ``fixative.daemon.store``.
 Through psycopg 3, the optional extra ``fixative[postgresql]``, imported only
 when ``state_db`` names a PostgreSQL URL.
 
@@ -15,7 +15,7 @@ when ``state_db`` names a PostgreSQL URL.
   applied_at) and run under their own advisory lock, so two machines starting
   together do not both migrate.
 * A connection that fails (the server restarts, the network drops, its disk is
-  full: SQLSTATE classes 08, 53, 57, 58) is :class:`~daemon.store.StoreUnavailable`:
+  full: SQLSTATE classes 08, 53, 57, 58) is :class:`~fixative.daemon.store.StoreUnavailable`:
   the daemon waits and tries again, and the next call connects afresh.
 
 A COMMIT whose answer is lost with the connection may or may not have landed.
@@ -62,7 +62,7 @@ CONNECTION_DEFAULTS = {
 }
 
 # Each entry upgrades the schema by one version; fixative_schema records which
-# have run. Append, never edit. The same tables as daemon.store_sqlite's
+# have run. Append, never edit. The same tables as fixative.daemon.store_sqlite's
 # MIGRATIONS once all of those have run (the store reads rows by column name).
 MIGRATIONS = [
     """
@@ -107,7 +107,7 @@ MIGRATIONS = [
     );
     """,
     # `fixative doctor`'s markers: each machine's proof that it shares a folder
-    # with the others (daemon.shared_storage).
+    # with the others (fixative.daemon.doctor).
     """
     CREATE TABLE folder_markers (
         machine TEXT NOT NULL,
@@ -118,7 +118,7 @@ MIGRATIONS = [
         PRIMARY KEY (machine, folder)
     );
     """,
-    # daemon.store_sqlite's migration 4 (one heartbeat row per engine; the engine that did each job).
+    # fixative.daemon.store_sqlite's migration 4 (one heartbeat row per engine; the engine that did each job).
     """
     ALTER TABLE processes ADD COLUMN host TEXT;
     ALTER TABLE processes ADD COLUMN device TEXT;

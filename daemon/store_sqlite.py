@@ -1,7 +1,7 @@
 """The job table in one SQLite file (``state_dir/jobs.db``), through sqlite-utils.
 
-What SQLite needs that PostgreSQL does not (``daemon.store_postgres``); the
-rules themselves, and every statement they run, are in ``daemon.store``.
+What SQLite needs that PostgreSQL does not (``fixative.daemon.store_postgres``); the
+rules themselves, and every statement they run, are in ``fixative.daemon.store``.
 
 * Every write transaction is ``BEGIN IMMEDIATE``. sqlite-utils' ``atomic()``
   opens a deferred BEGIN, and a deferred read that upgrades to a write in WAL
@@ -9,7 +9,7 @@ rules themselves, and every statement they run, are in ``daemon.store``.
   write lock up front also serialises every writer, which is what makes the
   store's read-then-write transactions safe here.
 * WAL mode, so that readers (``fixative status``) never block the writers.
-* A full disk (SQLITE_FULL) is :class:`~daemon.store.StateDiskFull`: the
+* A full disk (SQLITE_FULL) is :class:`~fixative.daemon.store.StateDiskFull`: the
   daemon waits for space instead of crashing.
 """
 

@@ -16,7 +16,7 @@ no ``NOTIFY_SOCKET`` and report through their heartbeat rows in the job table,
 which this loop reads to send READY (once the first engine has loaded its
 model), STATUS (the engines' own lines) and WATCHDOG. An engine whose loop has
 not moved for the stall limit (the unit's ``WatchdogSec``, which is
-``daemon.status.STALLED_AFTER_SECONDS``) is killed and restarted here, alone:
+``fixative.daemon.liveness.STALLED_AFTER_SECONDS``) is killed and restarted here, alone:
 with several engines, a hung one must neither hide behind a healthy one nor
 take it down with a restart of the whole service. The watchdog is pinged while
 the watcher beats and no engine is past that limit, so systemd steps in only
@@ -40,10 +40,9 @@ import structlog
 from fixative.daemon.inbox_filter import WatcherConfigError
 from fixative.daemon.notify import notify, watchdog_interval
 from fixative.daemon.settings import EX_CONFIG, Settings
-from fixative.daemon.status import (STALLED_AFTER_SECONDS, engine_labels, engine_name, is_alive, is_healthy,
-                                    looks_full, watcher_name)
-from fixative.daemon.store import JobStore, StoreUnavailable, open_store
-from fixative.daemon.worker import LOADING_STATUS, new_owner
+from fixative.daemon.liveness import (LOADING_STATUS, STALLED_AFTER_SECONDS, engine_labels, engine_name, is_alive,
+                                      is_healthy, new_owner, watcher_name)
+from fixative.daemon.store import JobStore, StoreUnavailable, looks_full, open_store
 
 log = structlog.get_logger()
 
@@ -103,7 +102,7 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
     store = open_store(settings)
     watcher = _WatcherThread(settings)
     watcher.start()
-    engines = [_Engine(engine_command, label, device, store, pass_fds)
+    engines = [_WorkerChild(engine_command, label, device, store, pass_fds)
                for label, device in zip(engine_labels(settings.devices), settings.devices)]
     ready = False
     last_status = ""
@@ -122,7 +121,7 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
             except StoreUnavailable as error:  # the PostgreSQL job table is away; the store reconnects
                 beats, waiting = {}, f"waiting: {error}; {error.remedy}"
             # A full state disk, or a job database that is away, stops every heartbeat
-            # while the loops wait (daemon.state_disk): say so, and neither kill an engine
+            # while the loops wait (fixative.daemon.store_wait): say so, and neither kill an engine
             # nor let systemd's watchdog restart a daemon that is waiting, not hung.
             if waiting is None and looks_full(settings):
                 waiting = STATE_DISK_FULL_STATUS
@@ -153,13 +152,13 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
         store.close()
 
 
-def _status_line(live: list[tuple[_Engine, dict]]) -> str:
+def _status_line(live: list[tuple[_WorkerChild, dict]]) -> str:
     if len(live) == 1:
         return live[0][1]["status"]
     return "; ".join(f"{engine.label}: {beat['status']}" for engine, beat in live)
 
 
-def _terminate(engines: list[_Engine]) -> None:
+def _terminate(engines: list[_WorkerChild]) -> None:
     """SIGTERM every engine at once, then wait for each (they finish or release their jobs in parallel)."""
     for engine in engines:
         engine.signal(signal.SIGTERM)
@@ -168,7 +167,7 @@ def _terminate(engines: list[_Engine]) -> None:
         engine.wait_or_kill(deadline)
 
 
-class _Engine:
+class _WorkerChild:
     """One engine child on one device, restarted with a backoff of its own when it dies.
 
     Each start gets a lease owner id of our choosing (``engine --owner``), so

@@ -8,7 +8,7 @@ Three ideas, kept apart on purpose:
    (watchdog issues 427, 663, 793, 829) and the daemon would go on looking
    alive while seeing nothing.
 2. The main loop (:class:`_Watcher`) owns everything else: it feeds those
-   paths to the :class:`~daemon.stability.StabilityTracker`, checks the files
+   paths to the :class:`~fixative.daemon.stability.StabilityTracker`, checks the files
    that settled, and writes them to the job table.
 3. Events are hints, not the source of truth. The inbox is scanned at start
    (files that arrived while we were down) and every ``rescan_seconds``
@@ -38,9 +38,9 @@ from watchdog.observers.polling import PollingObserver
 from fixative.daemon.inbox_filter import WatcherConfigError, check_folders, ignore_reason, refusal_reason, skip_folder
 from fixative.daemon.settings import Settings
 from fixative.daemon.stability import Settled, StabilityTracker
-from fixative.daemon.state_disk import RETRY_SECONDS, Pause
-from fixative.daemon.status import watcher_name
+from fixative.daemon.liveness import watcher_name
 from fixative.daemon.store import JobStore, StoreUnavailable, open_store
+from fixative.daemon.store_wait import RETRY_SECONDS, StoreWait
 
 __all__ = ["EXIT_OBSERVER_DIED", "WatcherConfigError", "run_watcher"]
 
@@ -108,7 +108,7 @@ class _Watcher:
         self.handled: dict[Path, tuple[int, int]] = {}
         self.recorded = 0  # files written to the job table since start, refusals included
         self.refused = 0
-        self.disk = Pause("watcher")
+        self.store_wait = StoreWait("watcher")
 
     def run(self, observer: BaseObserver, stop: threading.Event) -> int:
         next_scan = next_beat = 0.0
@@ -130,13 +130,13 @@ class _Watcher:
                     self.store.beat(watcher_name(), status)
                     next_beat, last_status = now + HEARTBEAT_SECONDS, status
             except StoreUnavailable as error:
-                self.disk.full(error)
+                self.store_wait.waiting(error)
                 # Files that settled meanwhile were not queued (nor marked handled):
                 # rescan once writes work again rather than wait for the next rescan.
                 next_scan = next_beat = 0.0
                 stop.wait(RETRY_SECONDS)
                 continue
-            self.disk.written()
+            self.store_wait.resumed()
             stop.wait(self.tick_seconds)
         return 0
 

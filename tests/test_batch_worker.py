@@ -1,4 +1,4 @@
-"""``[engine] batch_size``: an engine claims several queued jobs and protects them as a batch (issue 10 item 5).
+"""``[engine] batch_size``: an engine claims several queued jobs and protects them as a batch.
 
 Real SQLite, the real tiny model, and a real ``fixative engine`` / ``fixative
 run`` subprocess for the stories that a process tells: batches claimed and
@@ -21,12 +21,12 @@ import pytest
 
 import fixative.engine.protect
 from fixative.daemon.settings import Settings, load_settings
-from fixative.daemon.status import engine_name
+from fixative.daemon.liveness import engine_name
 from fixative.daemon.store import JobStore
-from fixative.daemon.worker import Engine
+from fixative.daemon.worker import Worker
 from fixative.engine.errors import OutOfMemory
 from test_daemon_end_to_end import REPO, Daemon, png_bytes
-from test_engine_process import wait_for
+from test_worker_process import wait_for
 
 ENGINE = engine_name("cpu")
 WIDE = (256, 320)  # another working size than png_bytes' 256 x 272, so never in one batch with it
@@ -141,13 +141,13 @@ def test_kill_9_mid_batch_puts_every_job_of_the_batch_back_and_status_shows_each
 
 
 @pytest.fixture
-def engine(tmp_path: Path, tiny_model: Path) -> Engine:
+def engine(tmp_path: Path, tiny_model: Path) -> Worker:
     """An in-process engine on the real tiny model and a real SQLite table, batch_size 3."""
     (tmp_path / "inbox").mkdir()
     settings = Settings(inbox=tmp_path / "inbox", export_dir=tmp_path / "export", state_dir=tmp_path / "state",
                         engine={"model": str(tiny_model), "steps": 2, "device": "cpu", "batch_size": 3})
     store = JobStore(settings.db_path)
-    engine = Engine(settings, store, threading.Event())
+    engine = Worker(settings, store, threading.Event())
     engine.rest = lambda seconds, status: None  # no real pauses in tests
     yield engine
     store.close()

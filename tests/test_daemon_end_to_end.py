@@ -9,7 +9,7 @@ what they check in it.
 What other files cover already, and is not repeated here: the watcher's rules
 against a real observer in-process (tests/test_watcher.py: a 200-file burst,
 a watcher restart with arrivals in between, junk, polling), kill -9 of the
-engine under ``fixative run`` (tests/test_engine_process.py), each failure
+engine under ``fixative run`` (tests/test_worker_process.py), each failure
 kind of the worker (tests/test_worker.py).
 """
 
@@ -32,7 +32,7 @@ from PIL import Image
 
 from conftest import painting
 from fixative.daemon.settings import EX_CONFIG
-from fixative.daemon.status import watcher_name
+from fixative.daemon.liveness import watcher_name
 from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]

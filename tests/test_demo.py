@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from fixative.daemon.demo import BANNER, LABEL, SAMPLES
-from fixative.daemon.status import engine_name
+from fixative.daemon.liveness import engine_name
 from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]

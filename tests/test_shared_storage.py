@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fixative.daemon.doctor import FAIL, OK, WARN
+import fixative.daemon.store
+from fixative.daemon.doctor import FAIL, OK, WARN, store_checks
 from fixative.daemon.settings import ConfigError, Settings, load_settings
-from fixative.daemon.shared_storage import store_checks
-from fixative.daemon import status
 from fixative.daemon.status import build_report, render
 from fixative.daemon.store import JobStore, open_store
 from fixative.daemon.store_postgres import MIGRATIONS as POSTGRESQL_MIGRATIONS
@@ -98,7 +97,7 @@ def test_an_unreachable_database_fails_the_doctor_and_status_waits_without_showi
 
 def test_a_full_state_disk_is_no_reason_to_wait_when_the_job_table_is_elsewhere(tmp_path, postgres_url,
                                                                                 monkeypatch) -> None:
-    monkeypatch.setattr(status, "FULL_BELOW_BYTES", 1 << 62)  # every disk "full"
+    monkeypatch.setattr(fixative.daemon.store, "FULL_BELOW_BYTES", 1 << 62)  # every disk "full"
     for state_db in (None, postgres_url):
         open_store(settings(tmp_path, state_db)).beat("watcher")
     assert "disk is full" in build_report(settings(tmp_path, None))["waiting"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fixative.daemon.lock import EXIT_ALREADY_RUNNING, LOCK_FILE
-from fixative.daemon.status import engine_name, watcher_name
+from fixative.daemon.liveness import engine_name, watcher_name
 from fixative.daemon.store import JobStore
 
 REPO = Path(__file__).resolve().parents[1]

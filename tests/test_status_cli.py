@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fixative.daemon.status import EXIT_DAEMON_DOWN, engine_name, watcher_name
+from fixative.daemon.liveness import engine_name, watcher_name
+from fixative.daemon.status import EXIT_DAEMON_DOWN
 from fixative.daemon.store import JobStore
 from fixative.engine.options import EngineOptions
 
@@ -84,7 +85,7 @@ def test_status_reports_progress_failures_and_liveness(env: dict[str, str], tmp_
 
 
 def test_status_shows_the_warnings_of_recent_outputs(env: dict[str, str], tmp_path: Path) -> None:
-    """Issue 9: a long strip protected coarsely said so only in its JSON report."""
+    """a long strip protected coarsely said so only in its JSON report."""
     store = JobStore(tmp_path / "state" / "jobs.db")
     (tmp_path / "inbox" / "strip.png").write_bytes(b"strip")
     store.enqueue(tmp_path / "inbox" / "strip.png", EngineOptions(), inbox=tmp_path / "inbox")

@@ -18,7 +18,7 @@ import pytest
 
 from fixative.daemon.lock import EXIT_ALREADY_RUNNING
 from fixative.daemon.settings import EX_CONFIG
-from fixative.daemon.status import STALLED_AFTER_SECONDS, engine_name
+from fixative.daemon.liveness import STALLED_AFTER_SECONDS, engine_name
 from test_daemon_end_to_end import Daemon
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "fixative.service"

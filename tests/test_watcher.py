@@ -19,7 +19,7 @@ from watchdog.observers import Observer
 
 from fixative.daemon import watcher
 from fixative.daemon.settings import Settings
-from fixative.daemon.status import watcher_name
+from fixative.daemon.liveness import watcher_name
 from fixative.daemon.store import JobStore
 from fixative.daemon.watcher import EXIT_OBSERVER_DIED, WatcherConfigError, _EventRecorder, run_watcher
 

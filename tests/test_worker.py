@@ -1,8 +1,8 @@
 """The engine worker: where outputs go, what each failure means, stopping, archiving.
 
-Most tests drive :class:`fixative.daemon.worker.Engine` in-process with stand-ins for
+Most tests drive :class:`fixative.daemon.worker.Worker` in-process with stand-ins for
 ``fixative.engine.imaging.decode_image`` and ``fixative.engine.protect.protect_batch``, on a
-real job table and real folders, so they run in milliseconds. ``tests/test_engine_process.py`` runs the real thing.
+real job table and real folders, so they run in milliseconds. ``tests/test_worker_process.py`` runs the real thing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import fixative.engine.protect
 from fixative.daemon.settings import Settings
 from fixative.daemon.status import build_report, render
 from fixative.daemon.store import JobStore, StoreUnavailable
-from fixative.daemon.worker import Engine, write_atomically
+from fixative.daemon.files import write_atomically
+from fixative.daemon.worker import Worker
 from fixative.engine.errors import BadImage, OutOfMemory
 from fixative.engine.protect import Protected
 
@@ -57,8 +58,8 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list:
 
 
 @pytest.fixture
-def worker(settings: Settings, store: JobStore, loads: list) -> Engine:
-    engine = Engine(settings, store, threading.Event())
+def worker(settings: Settings, store: JobStore, loads: list) -> Worker:
+    engine = Worker(settings, store, threading.Event())
     engine.rest = lambda seconds, status: None  # no real pauses in tests
     return engine
 
@@ -87,7 +88,7 @@ def drop(settings: Settings, name: str, content: bytes) -> Path:
     return path
 
 
-def run_one(worker: Engine, store: JobStore):
+def run_one(worker: Worker, store: JobStore):
     job = store.claim(worker.owner, 60)
     worker.handle([job])
     return store.get(job.id)
@@ -155,7 +156,7 @@ def test_each_kind_of_failure(worker, store, settings, protect) -> None:
 
 
 def test_out_of_memory_again_fails_for_good(worker, store, settings, protect) -> None:
-    """Issue 9: a 100-megapixel image ran out of memory after 10 minutes, and was retried, blocking the queue."""
+    """a 100-megapixel image ran out of memory after 10 minutes, and was retried, blocking the queue."""
     store.enqueue(drop(settings, "huge.png", b"huge"), settings.engine, inbox=settings.inbox)
     protect += [OutOfMemory("out of memory: once"), OutOfMemory("out of memory: again")]
     assert run_one(worker, store).state == "queued"  # the memory may have been another program's
@@ -243,7 +244,7 @@ def test_write_atomically_replaces_whole_files(tmp_path: Path) -> None:
 
 
 def test_each_job_is_protected_with_the_settings_it_was_queued_with(worker, store, settings, protect, loads) -> None:
-    # The config file changed between enqueue and claim (see also tests/test_engine_process.py).
+    # The config file changed between enqueue and claim (see also tests/test_worker_process.py).
     store.enqueue(drop(settings, "a.png", b"one"), settings.engine.model_copy(update={"format": "webp"}),
                   inbox=settings.inbox)
     store.enqueue(drop(settings, "b.png", b"two"), settings.engine.model_copy(update={"model": "/models/other"}),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fixative.daemon.status import engine_name
+from fixative.daemon.liveness import engine_name
 from test_daemon_end_to_end import REPO, Daemon, png_bytes
 
 FIRST, SECOND = engine_name("cpu"), engine_name("cpu#2")

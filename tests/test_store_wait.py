@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fixative.daemon.status import engine_name
+from fixative.daemon.liveness import engine_name
 from test_daemon_end_to_end import Daemon, png_bytes
 
 

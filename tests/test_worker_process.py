@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from fixative.daemon.settings import load_settings
-from fixative.daemon.status import engine_name
+from fixative.daemon.liveness import engine_name
 from fixative.daemon.store import JobStore
 from conftest import painting
 

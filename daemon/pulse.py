@@ -1,0 +1,113 @@
+"""The worker's liveness thread: leases renewed, progress recorded, a beat for ``fixative status``, systemd's watchdog.
+
+A thread of its own, because the main loop spends minutes inside one PGD run
+and the job table must still hear from this process every few seconds. It is
+also the one place that decides whether the loop *moves*: a hung GPU driver
+must look dead, not busy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+
+from fixative.daemon.liveness import LOADING_STATUS, STALLED_AFTER_SECONDS
+from fixative.daemon.notify import notify, watchdog_interval
+from fixative.daemon.settings import Settings
+from fixative.daemon.store import Job, JobStore, StoreUnavailable
+from fixative.daemon.store_wait import StoreWait
+
+log = structlog.get_logger()
+
+
+class Pulse(threading.Thread):
+    """Renews the leases, records progress, beats for ``fixative status`` and pings systemd's watchdog.
+
+    Lease and beat say "this process is alive", so they go on whatever the
+    main loop does; a crash stops them and the lease expires. The watchdog
+    ping says "the loop moves": it stops when the main loop has reported no
+    progress (a PGD step, an idle poll) for ``STALLED_AFTER_SECONDS``, so
+    systemd restarts an engine hung in a GPU driver. ``fixative status``
+    shows the same judgement from the beat's ``progress_at``.
+    """
+
+    def __init__(self, store: JobStore, settings: Settings, owner: str, name: str):
+        super().__init__(name="engine-pulse", daemon=True)
+        self.store, self.owner, self.name = store, owner, name
+        self.device = settings.engine.device
+        self.lease = settings.worker.lease_seconds
+        self.watchdog = watchdog_interval()  # None unless systemd set WatchdogSec
+        self.interval = min(settings.worker.heartbeat_seconds, self.watchdog or float("inf"))
+        # Replaced whole, never changed in place: this thread reads them while the main loop moves on.
+        self.held: dict[int, Job] = {}  # every job this engine holds a lease on
+        self.running: list[Job] = []  # the group being protected now; step and total are theirs
+        self.group_started = 0.0
+        self.step: int | None = None
+        self.total: int | None = None
+        self.status = LOADING_STATUS
+        self.loading = True  # loading a model from a cold disk can take minutes; it is not a stall
+        self.last_progress = time.time()
+        self.lost: set[int] = set()  # jobs taken from us (superseded, or reclaimed after a lost lease)
+        self.wake = threading.Event()
+        self.quit = threading.Event()
+        self.store_wait = StoreWait("engine")
+
+    def progressed(self, status: str | None = None) -> None:
+        self.last_progress = time.time()
+        if status is not None and status != self.status:
+            self.status = status
+            self.wake.set()  # show a new state (ready, protecting x) now, not at the next heartbeat
+
+    def hold(self, jobs: list[Job]) -> None:
+        self.held = {job.id: job for job in jobs}
+        self.running, self.lost = [], set()
+
+    def let_go(self, job: Job) -> None:
+        """``job`` ended one way or another (done, failed, released...): its lease is no longer ours to renew."""
+        self.held = {job_id: held for job_id, held in self.held.items() if job_id != job.id}
+
+    def start_group(self, jobs: list[Job]) -> None:
+        self.running, self.step, self.total = jobs, None, None
+        self.group_started = time.time()
+        self.progressed(f"protecting {job_names(jobs)}")
+
+    def run(self) -> None:
+        while not self.quit.is_set():
+            try:
+                self.pulse()
+                self.store_wait.resumed()
+            except StoreUnavailable as error:
+                # The lease cannot be renewed. Should this outlast it while other machines
+                # still reach the database, one of them takes the job, and the owner guard
+                # keeps this engine's late writes out.
+                self.store_wait.waiting(error)
+            except Exception:  # a locked database must not silently end the heartbeats
+                log.exception("engine.pulse_failed")
+            self.wake.wait(self.interval)
+            self.wake.clear()
+
+    def pulse(self) -> None:
+        held, running = self.held, self.running
+        step, total = self.step, self.total
+        status = self.status
+        for job in held.values():
+            # Jobs waiting for their group keep their lease, and no progress until it starts.
+            mine = any(job.id == other.id for other in running)
+            if not self.store.heartbeat(job.id, self.owner, self.lease, *((step, total) if mine else (None, None))):
+                self.lost.add(job.id)
+        if running and total:
+            status = f"protecting {job_names(running)} {100 * (step or 0) // total}%"
+        status += f" · {self.store.counts()['queued']} queued"
+        progress_at = time.time() if self.loading else self.last_progress
+        self.store.beat(self.name, status, progress_at=progress_at, device=self.device)
+        moving = time.time() - progress_at < STALLED_AFTER_SECONDS
+        if not moving:
+            log.warning("engine.stalled", seconds=round(time.time() - progress_at), status=status)
+        notify(f"STATUS={status}", *(["WATCHDOG=1"] if self.watchdog and moving else []))
+
+
+def job_names(jobs: list[Job]) -> str:
+    """'a.png', or 'a.png and 2 more' for a batch."""
+    return jobs[0].relative_path + (f" and {len(jobs) - 1} more" if len(jobs) > 1 else "")
