@@ -5,7 +5,7 @@ x is the image in [-1, 1], z = s * E(x) its latent, z_t = sqrt(a_t) z + sqrt(1 -
 the noised latent at step t, and the training loss is || eps_theta(z_t, t, c) - eps ||^2.
 
 Every function takes a batch of N images, one row each, and one generator per
-row (``engine.protect.protect_batch``): row i's random draws come from its own
+row (``fixative.engine.protect.protect_batch``): row i's random draws come from its own
 generator in the order they would come alone, so a row's result does not
 depend on the others in its batch.
 """

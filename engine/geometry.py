@@ -18,8 +18,8 @@ leaves the budget. To make sure it survives the script's downscale, the attack
 optimises what the script will see: ``seen(delta) = down(up(delta))``.
 
 Nothing at full resolution is held whole in floating point: a 100-megapixel
-image is 1.2 GB per float32 copy, and the first version, which made several,
-peaked at 12.9 GB for 24 megapixels (issue 9). Both maps are separable, so
+image is 1.2 GB per float32 copy, and a few such copies of a 24-megapixel
+image already peak at 12.9 GB. Both maps are separable, so
 ``seen`` works one axis at a time, and the full-resolution ends
 (:meth:`Geometry.down_image`, :meth:`Geometry.perturb`) work a band of rows or
 columns at a time. Each gives the whole-image version's numbers to float32

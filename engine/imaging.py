@@ -3,7 +3,7 @@
 The attacks work on one simple thing: a uint8 ``H x W x 3`` array. Real files are
 messier (EXIF rotation, transparency, CMYK, 16-bit, palettes, colour profiles), so
 this module turns any file we accept into a :class:`SourceImage` and refuses the rest
-with a :class:`~engine.errors.BadImage` whose message an artist can act on.
+with a :class:`~fixative.engine.errors.BadImage` whose message an artist can act on.
 Everything the attack does not touch (alpha, ICC profile, DPI, EXIF) rides along in
 the ``SourceImage`` and is written back by :func:`encode_image`.
 

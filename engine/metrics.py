@@ -12,7 +12,7 @@ fine-tuned on the protected image is trained on a target it predicts badly,
 which is AdvDM's mechanism. The *latent shift* ||E(x') - E(x)|| / ||E(x)|| says
 how far the VAE latent moved (what the encoder and mist modes aim at).
 
-Survival: the same figures after a publishing pipeline (``engine.publishing``,
+Survival: the same figures after a publishing pipeline (``fixative.engine.publishing``,
 Pillow's real codecs), with the original put through the same pipeline, so
 the ratio isolates what is left of the perturbation rather than what the codec
 does to any image. survival = (gain after - 1) / (gain before - 1): 1 when the
@@ -79,7 +79,7 @@ def ssim(original: np.ndarray, protected: np.ndarray) -> float:
 
     float64, over bands of output rows (each band reads its rows plus the
     window's 10 below), so its memory is bounded: whole-image float64 SSIM
-    needed 26 GB for a 100-megapixel image (issue 9). The bands' sums add up to
+    needs 26 GB for a 100-megapixel image. The bands' sums add up to
     the whole-image mean to float64 rounding (tests/test_large_images.py).
     """
     window = _gaussian_window()

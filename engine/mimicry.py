@@ -1,6 +1,6 @@
 """Does the protection work? Fine-tune the model on the images as a mimic would, and compare.
 
-The protection gain (``engine.metrics``) is a proxy: a higher training loss on
+The protection gain (``fixative.engine.metrics``) is a proxy: a higher training loss on
 one image. What an artist wants to know is whether a mimic who fine-tunes on
 the published works gets their style. This module runs the mimic's recipe,
 a LoRA on the UNet as diffusers' LoRA text-to-image and DreamBooth scripts

@@ -48,7 +48,7 @@ class EngineOptions(BaseModel):
     robust: bool = Field(
         True,
         description="Optimise through the publishing pipeline (JPEG, platform downscale, a little noise or blur; "
-        "engine.transforms), so the protection survives being posted. False optimises the lossless "
+        "fixative.engine.transforms), so the protection survives being posted. False optimises the lossless "
         "file only: stronger on the PNG, mostly gone after a JPEG.",
     )
     coarse_to_fine: bool = Field(
@@ -66,7 +66,7 @@ class EngineOptions(BaseModel):
     dtype: DType = Field(
         "auto",
         description="Model precision; auto picks what measured fastest on this hardware (see "
-        "engine.model.pick_dtypes). The perturbation itself is always fp32.",
+        "fixative.engine.model.pick_dtypes). The perturbation itself is always fp32.",
     )
     low_vram: bool = Field(
         False,

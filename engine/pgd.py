@@ -19,10 +19,10 @@ Coarse to fine (with ``robust``): the first COARSE_SHARE of the steps run at
 half the working side (``Geometry.halved``), where a step cost 0.20x a
 full-size one at SD-1.5 scale (the encoder's and the UNet's work fall with the
 pixel count); the perturbation is then carried up to the working size and
-refined there, the momentum starting afresh. engine.protect runs the two
+refined there, the momentum starting afresh. fixative.engine.protect runs the two
 stages; bench/README.md ("Coarse to fine") has the measurements.
 
-A batch (``engine.protect.protect_batch``) is N images of one working size,
+A batch (``fixative.engine.protect.protect_batch``) is N images of one working size,
 one per row, each with its own generator, publishing transform and geometry.
 Everything that mixes numbers across pixels is done per row: the random draws,
 the EOT transform, the script's view of the perturbation, the momentum's
@@ -64,7 +64,7 @@ def perturbed(
 
     Row by row: each image's own geometry (the rows share a working size, not
     necessarily a full one) and, with ``transforms``
-    (``engine.transforms.PublishingTransform``), its own random draw of the
+    (``fixative.engine.transforms.PublishingTransform``), its own random draw of the
     publishing pipeline (EOT), which may be a different JPEG quality or
     downscale for every row.
     """

@@ -16,7 +16,7 @@ def to_model(rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tenso
     """uint8 ``H x W x 3`` -> float32 ``(1, 3, H, W)`` in [-1, 1] on ``device``.
 
     ``from_numpy`` shares the array's memory, so the one full-size copy is the
-    float one (a 100-megapixel image is 1.2 GB per float32 copy, issue 9).
+    float one (a 100-megapixel image is 1.2 GB per float32 copy).
     """
     return torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1
 

@@ -9,8 +9,8 @@ writes them atomically into its export folder.
 
 The steps:
 1. read the image (orientation applied, alpha and metadata set aside);
-2. plan the working size (``engine.geometry``) and downscale to it;
-3. run PGD for the chosen attack (``engine.attacks``) on the colour channels;
+2. plan the working size (``fixative.engine.geometry``) and downscale to it;
+3. run PGD for the chosen attack (``fixative.engine.attacks``) on the colour channels;
 4. carry the perturbation to full resolution, round it to whole levels, and
    clip it to the budget around the original's own 8-bit values, so the saved
    file is within ``strength`` levels of the original in every pixel;
@@ -18,7 +18,7 @@ The steps:
 
 Only step 3 and the protection figures run on the model's device, at the
 working size; everything at full resolution runs on the CPU a band at a time
-(``engine.geometry``), so a large image costs little more than its own bytes.
+(``fixative.engine.geometry``), so a large image costs little more than its own bytes.
 """
 
 from __future__ import annotations
@@ -59,14 +59,17 @@ class Protected:
 
 
 def protect_file(path: Path, model: LoadedModel, options: EngineOptions, progress: Progress | None = None) -> Protected:
-    """Read ``path`` and protect it. Raises ``engine.errors.BadImage`` for files we cannot protect."""
+    """Read ``path`` and protect it. Raises ``fixative.engine.errors.BadImage`` for files we cannot protect."""
     return protect_image(read_image(Path(path)), model, options, progress)
 
 
 def protect_bytes(
     data: bytes, name: str, model: LoadedModel, options: EngineOptions, progress: Progress | None = None
 ) -> Protected:
-    """Protect an image file's bytes (``name`` is for messages). The daemon hashes and decodes the same bytes."""
+    """Protect an image file's bytes (``name`` is for messages): decoded, then :func:`protect_image`.
+
+    bench/memory.py measures an image's peak memory through this path, from the bytes as the worker reads them.
+    """
     return protect_image(decode_image(data, name), model, options, progress)
 
 
@@ -113,7 +116,7 @@ def _out_of_memory_is_an_engine_error(protect):
 def perturbation(
     model: LoadedModel, options: EngineOptions, geometries: list[Geometry], x_work: torch.Tensor, progress: Progress | None
 ) -> torch.Tensor:
-    """Step 3: the PGD perturbations at the working size, a row per image, coarse steps first (``engine.pgd``)."""
+    """Step 3: the PGD perturbations at the working size, a row per image, coarse steps first (``fixative.engine.pgd``)."""
     # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
     eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
     # Every image its own random streams, seeded as if it were alone: every draw
@@ -162,7 +165,7 @@ def protect_image(
 
     A batch of one (:func:`protect_batch`), so that protecting an image alone
     and in a batch cannot drift apart. Running out of memory on the device or
-    the CPU raises engine.errors.OutOfMemory.
+    the CPU raises fixative.engine.errors.OutOfMemory.
     """
     (result,) = protect_batch([source], model, options, progress)
     if isinstance(result, Exception):
@@ -178,7 +181,7 @@ def protect_batch(
 
     Each image gets the output it would get alone, up to the kernels' rounding
     (tests/test_batching.py). Running out of memory before or in the shared PGD
-    raises engine.errors.OutOfMemory for the whole batch (the caller may retry
+    raises fixative.engine.errors.OutOfMemory for the whole batch (the caller may retry
     the images one at a time); a failure after it that belongs to one image
     (encoding, the report, its own memory) is returned in that image's place and
     leaves the others alone. ``progress(step, total, loss)`` is the batch's, with
@@ -231,7 +234,7 @@ def _finished(
     served = served_figures(model, geometry, source.rgb, saved, figures, figure, REPORTED_PIPELINES)
     warnings = list(source.notes)
     if min(geometry.work) < min(model.resolution, height, width) - 1:  # (- 1: the working size is rounded)
-        # Issue 9: a 6000x300 strip was worked at 1619x81 with no word. Tiling it at
+        # A 6000x300 strip is worked at 1619x81, far coarser than the scripts train at. Tiling it at
         # the scripts' scale would multiply the time by the number of tiles; say it instead.
         warnings.append(
             f"this long image was protected at {geometry.work[1]}x{geometry.work[0]}, coarser than the "

@@ -6,7 +6,7 @@ Each pipeline here is one such path, applied to 8-bit RGB with Pillow, the
 same kind of encoder a platform runs. These are what the report's survival
 figures, ``fixative check --after`` and the bench's robustness table measure
 against. The *differentiable* stand-ins that the attack optimises through live
-in ``engine.transforms``; keeping the two apart is what makes the survival
+in ``fixative.engine.transforms``; keeping the two apart is what makes the survival
 figures an honest test of those stand-ins rather than a restatement of them.
 
 Noise is drawn from a fixed seed, so a pipeline maps the same input to the

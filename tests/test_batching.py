@@ -1,4 +1,4 @@
-"""Several images protected as one batch per PGD step (engine.protect.protect_batch, issue 10 item 5).
+"""Several images protected as one batch per PGD step (engine.protect.protect_batch).
 
 Each image of a batch must get what it gets alone with the same seed: its own
 random draws, its own EOT draws, its own momentum. The batch here mixes three
@@ -110,6 +110,6 @@ def test_one_image_s_failure_after_the_pgd_leaves_the_others_intact(model: Loade
         assert isinstance(protected, Protected)
         # The survivors are whole results, the same as when protected without the failing image.
         assert_alike(protected, protect_image(source, model, settings))
-    # Alone, the same failure is raised, as before batches.
+    # Alone, the same failure is raised as in a batch.
     with pytest.raises(BadImage, match="transparency"):
         protect_image(transparent, model, settings)

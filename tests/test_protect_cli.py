@@ -166,7 +166,7 @@ def test_pickle_model_refused_and_bad_steps_are_usage_errors(env: dict[str, str]
 
 
 def test_outputs_never_replace_a_file_nor_each_other(env: dict[str, str], tmp_path: Path) -> None:
-    """Issue 9: good.png and good.jpg both wrote good.protected.png, the second over the first."""
+    """good.png and good.jpg both wrote good.protected.png, the second over the first."""
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     out.mkdir()

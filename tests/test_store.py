@@ -326,7 +326,7 @@ def test_process_heartbeats(store: JobStore) -> None:
 
 
 def test_each_engine_beats_under_its_name_and_marks_the_jobs_it_does(store: JobStore, inbox: Path) -> None:
-    """Several engines (issue 11): status reads each one's row, its job now and its throughput from these."""
+    """Several engines: status reads each one's row, its job now and its throughput from these."""
     for name in ("a.png", "b.png", "c.png", "d.png"):
         store.enqueue(drop(inbox, name, name.encode()), OPTIONS)
     for engine in ("engine cuda:0@a", "engine cuda:1@b", "engine cuda:0@a"):
