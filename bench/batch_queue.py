@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Images per hour for one engine protecting one image at a time against batches, draining one queue.
 
-    python bench/batch_queue.py [--images 16] [--steps 20] [--rounds 2] [--batch-size 4]
+    python -m bench.batch_queue [--images 16] [--steps 20] [--rounds 2] [--batch-size 4]
                                 [--scale tiny|full] [--device cpu|cuda]
 
 The queue-level figure of ``[engine] batch_size`` (bench/README.md,
@@ -16,8 +15,8 @@ load on a shared machine falls on both alike.
 ``--scale tiny`` (the default) drains 256 px images on the tests' tiny model.
 ``--scale full`` saves SD-1.5's architecture with random weights
 (bench/sd15.py ``save_model``, in the dtype the engine picks for ``--device``)
-and drains 512 px images on it: the GPU figure issue 10 asks for, with
-``--device cuda --steps 100``.
+and drains 512 px images on it: with ``--device cuda --steps 100``, the
+product's own figure on a GPU, end to end.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engines import SIDE, drain, table
+from bench.common import physical_cores, tiny_model
+from bench.engines import SIDE, drain, table
 
 FULL_SIDE = 512
 
@@ -47,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.scale == "full":
             model, side, what = save_sd15(Path(folder), args.device), FULL_SIDE, "SD-1.5 architecture, random weights"
         else:
-            from run import physical_cores, tiny_model
-
             (model, _), side, what = tiny_model(physical_cores()), SIDE, "tiny model"
         results: dict[int, list[float]] = {1: [], args.batch_size: []}
         print(f"{args.images} images of {side}x{side}, {args.steps} steps, {what}, one engine on {args.device}; "
@@ -66,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def save_sd15(folder: Path, device: str) -> Path:
     """SD-1.5's architecture saved into ``folder`` in the dtype the engine picks for ``device``, built there."""
-    from sd15 import save_model
-
+    from bench.sd15 import save_model
     from fixative.engine.model import pick_device, pick_dtypes
 
     where = pick_device(device)

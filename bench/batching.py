@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Batching in the engine: PGD seconds per image and peak memory for batches of 1, 2, 4 and 8 images.
 
-    python bench/batching.py [--scale tiny|full] [--batches 1,2,4,8] [--steps N] [--rounds 2] [--threads 1]
+    python -m bench.batching [--scale tiny|full] [--batches 1,2,4,8] [--steps N] [--rounds 2] [--threads 1]
                              [--device cpu|cuda] [--json FILE]
 
-Issue 10, item 5, the engine's half. Each batch size protects that many
-different paintings of one size (``--size``: 128 px on the tiny model, 512 px
-at SD-1.5 scale) through ``engine.protect.perturbation``, the PGD of
+Each batch size protects that many different paintings of one size
+(``--size``: 128 px on the tiny model, 512 px at SD-1.5 scale) through
+``engine.protect.perturbation``, the PGD of
 ``protect_batch`` (default mode ``sds``, ``robust`` on, coarse to fine: the
 steps are half coarse, half fine, as in the default 100). Only the PGD is
 timed: it is what a batch shares; the per-image report runs image by image
@@ -34,12 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
-
-from memory import proc_status, reset_peak  # noqa: E402
-from run import GIB, machine_info, say  # noqa: E402
+from bench.common import GIB, machine_info, proc_bytes, reset_peak, say, tiny_engine_model
 
 DEFAULT_STEPS = {"tiny": 20, "full": 2}
 DEFAULT_SIZE = {"tiny": 128, "full": 512}
@@ -52,15 +46,12 @@ def load(scale: str, threads: int, device: str):
 
     from fixative.engine.options import EngineOptions
 
-    torch.set_num_threads(threads)
     if scale == "tiny":
-        from schedule import tiny_engine_model
-
-        model, folder = tiny_engine_model()
-        torch.set_num_threads(threads)  # tiny_engine_model pins one thread
+        model, folder = tiny_engine_model(threads=threads)
         return model, EngineOptions(model=str(folder), device="cpu", dtype="fp32")
-    from sd15 import load_engine_model
+    from bench.sd15 import load_engine_model
 
+    torch.set_num_threads(threads)
     options = EngineOptions(device=device)
     return load_engine_model(options)[0], options
 
@@ -80,7 +71,7 @@ def measure(args: argparse.Namespace) -> dict:
     options = options.model_copy(update={"steps": steps})
     geometry = Geometry.plan(size, size, model.resolution, model.size_multiple)
     images = synthetic_paintings(max(batches), size, seed=3)  # (N, 3, size, size) in [-1, 1], each its own
-    model_rss = torch.cuda.memory_allocated(model.device) if cuda else proc_status("VmRSS")
+    model_rss = torch.cuda.memory_allocated(model.device) if cuda else proc_bytes("VmRSS")
     say(f"{args.scale} scale, {size}x{size}, mode {options.mode}, robust {options.robust}, {steps} steps "
         f"({options.steps // 2} coarse), UNet {model.dtype}, VAE {model.vae.dtype}, {model.device}, {args.threads} threads; "
         f"model loaded: {model_rss / GIB:.2f} GiB {'allocated on the GPU' if cuda else 'RSS'}")
@@ -95,7 +86,7 @@ def measure(args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize(model.device)
             return time.perf_counter() - started, torch.cuda.max_memory_allocated(model.device)
-        return time.perf_counter() - started, proc_status("VmHWM")
+        return time.perf_counter() - started, proc_bytes("VmHWM")
 
     peaks = {}
     for n in sorted(batches):

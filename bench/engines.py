@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Images per hour for one engine against two, draining one queue on the tiny model.
 
-    python bench/engines.py [--images 16] [--steps 20] [--rounds 2]
+    python -m bench.engines [--images 16] [--steps 20] [--rounds 2]
 
 Each setting is a real ``fixative run`` (bench/README.md, "Several engines"):
 the watcher and ``[engine] devices`` children, all on the CPU, in a folder of
@@ -29,10 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(BENCH))
+from bench.common import ROOT, physical_cores, tiny_model
 
 SIDE = 256
 
@@ -109,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
-
-    from run import physical_cores, tiny_model
 
     model, _ = tiny_model(physical_cores())
     results: dict[int, list[float]] = {1: [], 2: []}

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Issue 10's GPU figures: each part under its own time limit, so that a part that fails or overruns leaves
+# The GPU figures: each part under its own time limit, so that a part that fails or overruns leaves
 # the others' figures. Every part writes its log (and JSON where it has one) into OUTDIR.
 #
 #     bench/gpu.sh OUTDIR [full] [batching] [queue]     (no part named: all three, about 12 minutes)
 #
-# full      bench/run.py at full scale, 512x512: seconds per image for each mode against the reference loop
-#           in the same run, peak GPU memory, robust off, coarse to fine off, and low_vram (the issue's
-#           "< 6 GB"). About 3 minutes on an H200.
-# batching  bench/batching.py at full scale: the engine's PGD alone, batches of 1, 4, 8 and 16 (seconds per
+# full      bench.run at full scale, 512x512: seconds per image for each mode against the reference loop
+#           in the same run, peak GPU memory, robust off, coarse to fine off, and low_vram (whether
+#           it fits a 6 GB card). About 3 minutes on an H200.
+# batching  bench.batching at full scale: the engine's PGD alone, batches of 1, 4, 8 and 16 (seconds per
 #           image, peak GPU memory). Under a minute.
-# queue     bench/batch_queue.py at full scale: a real `fixative run` draining 16 images of 512x512 at the
+# queue     bench.batch_queue at full scale: a real `fixative run` draining 16 images of 512x512 at the
 #           product's 100 steps, one at a time against batches of 4 (images per hour). Up to 7 minutes:
 #           one at a time took 103 and 157 s of images on two H200s, plus the model's saving and two
 #           daemons' starts. A device call is at most 10 minutes, so give it a call of its own.
@@ -34,11 +34,11 @@ part() {  # part NAME SECONDS COMMAND...: run one part if it was asked for, its 
     echo "== $name: exit $? after $((SECONDS - started)) s (limit $seconds s)" | tee -a "$out/parts.txt"
 }
 
-part full 300 python3 bench/run.py --scale full --sizes 512x512 --no-quality --json "$out/full.json" \
+part full 300 python3 -m bench.run --scale full --sizes 512x512 --no-quality --json "$out/full.json" \
     --modes sds,advdm,mist,encoder,sds+robust=false,sds+coarse_to_fine=false,sds+low_vram,advdm+low_vram
-part batching 90 python3 bench/batching.py --scale full --device cuda --batches 1,4,8,16 --steps 10 --rounds 2 \
+part batching 90 python3 -m bench.batching --scale full --device cuda --batches 1,4,8,16 --steps 10 --rounds 2 \
     --json "$out/batching.json"
-part queue 420 python3 bench/batch_queue.py --scale full --device cuda --images 16 --steps 100 --rounds 1 --batch-size 4
+part queue 420 python3 -m bench.batch_queue --scale full --device cuda --images 16 --steps 100 --rounds 1 --batch-size 4
 
 # The tables, last, so that they are what a short tail of the output shows.
 for name in full batching queue; do

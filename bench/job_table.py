@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Claims per second on the job table, SQLite against PostgreSQL, with 1, 4 and 16 concurrent claimers.
 
-    python bench/job_table.py [--jobs 2000] [--claimers 1,4,16] [--postgres URL]
+    python -m bench.job_table [--jobs 2000] [--claimers 1,4,16] [--postgres URL]
 
 Each claimer is a process with its own store connection, as an engine is, and
 a no-op engine: it loops claim -> finish, with nothing in between, until the
@@ -27,9 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent / "tests"))
 
 LEASE_SECONDS = 300.0
 
@@ -101,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.claimers.split(",")]
 
-    from postgres import Cluster, server_binaries
+    from tests.postgres import Cluster, server_binaries  # the tests' throwaway server: run from the repository root
 
     cluster = None
     backends: dict[str, object] = {}

@@ -1,6 +1,6 @@
-"""Peak memory of protecting large images: what an image's size costs above the model (issue 9).
+"""Peak memory of protecting large images: what an image's size costs above the model.
 
-    python bench/memory.py [--scale tiny|full] [--sizes 6000x4000,10000x10000] [--json FILE]
+    python -m bench.memory [--scale tiny|full] [--sizes 6000x4000,10000x10000] [--json FILE]
 
 Each size is measured in a fresh process, which:
 1. writes a PNG of that size (smooth ramps plus grain, so it compresses like a
@@ -35,25 +35,10 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
+from bench.common import GIB, machine_info, proc_bytes, reset_peak, say, tiny_model
 
-from run import GIB, machine_info, say, tiny_model  # noqa: E402  (no torch in this process)
-
-DEFAULT_SIZES = "6000x4000,10000x10000"  # 24 and 100 megapixels, the sizes issue 9 names
-
-
-def proc_status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak() -> None:
-    """Set the peak-RSS mark (VmHWM) back to the current RSS (Linux 4.0+)."""
-    Path("/proc/self/clear_refs").write_text("5")
+# 24 megapixels, a camera's or a scan's; 100, the largest image the engine takes (engine.imaging.MAX_PIXELS).
+DEFAULT_SIZES = "6000x4000,10000x10000"
 
 
 def _write_artwork(path: Path, width: int, height: int) -> None:
@@ -88,12 +73,12 @@ def measure(spec: dict) -> dict:
         _write_artwork(large, width, height)
         options = EngineOptions(model=spec["model"], device=spec["device"], steps=1)
         if spec["scale"] == "full":
-            import sd15
+            from bench import sd15
 
             model, _ = sd15.load_engine_model(options)
         else:
             model = load_model(options)
-        model_rss = proc_status("VmRSS")
+        model_rss = proc_bytes("VmRSS")
         reset_peak()  # writing the large PNG above must not count as the model's
         work_height, work_width = Geometry.plan(height, width, model.resolution, model.size_multiple).work
         # The tiny model works at 128 px, under the smallest image accepted: enlarge, same working size.
@@ -101,7 +86,7 @@ def measure(spec: dict) -> dict:
         small = Path(folder) / "work.png"
         _write_artwork(small, work_width * scale, work_height * scale)
         protect_bytes(small.read_bytes(), small.name, model, options)
-        model_peak = proc_status("VmHWM")
+        model_peak = proc_bytes("VmHWM")
 
         reset_peak()
         started = time.perf_counter()
@@ -109,7 +94,7 @@ def measure(spec: dict) -> dict:
             report, error = protect_bytes(large.read_bytes(), large.name, model, options).report, None
         except Exception as failure:  # an OutOfMemory is a result here, not a crash
             report, error = {}, f"{type(failure).__name__}: {failure}"
-        peak = proc_status("VmHWM")
+        peak = proc_bytes("VmHWM")
     return {
         "size": [width, height],
         "megapixels": round(width * height / 1e6, 1),

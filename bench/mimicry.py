@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """The mimicry table: does a mimic's LoRA learn the style less from protected copies than from clean ones?
 
-    python bench/mimicry.py [--seeds 3] [--steps 200] [--originals 10] [--modes advdm,mist,sds,encoder]
+    python -m bench.mimicry [--seeds 3] [--steps 200] [--originals 10] [--modes advdm,mist,sds,encoder]
                             [--after jpeg75] [--json FILE] [--threads 1]
 
 On the tests' tiny trained model, for each seed: a set of "style" images is
@@ -24,13 +23,10 @@ import time
 from pathlib import Path
 from typing import get_args
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from fixative.engine.options import EngineOptions, Mode  # noqa: E402
+from bench.common import machine_info, mean_se, source_image, tiny_model
+from fixative.engine.options import EngineOptions, Mode
 
 STYLE_SIZE = 128  # the tiny model's training side: its 512
 FIGURES = {  # column title -> (group, key) in a LoRA's figures
@@ -57,8 +53,6 @@ def noise_copy(rgb: np.ndarray, strength: int, rng: np.random.Generator) -> np.n
 
 
 def protected_copies(model, images: list[np.ndarray], mode: str, seed: int) -> list[np.ndarray]:
-    from worker import source_image
-
     from fixative.engine.imaging import read_back_rgb
     from fixative.engine.protect import protect_image
 
@@ -85,11 +79,6 @@ def one_seed(model, seed: int, originals: int, modes: list[str], after: list[str
     report, _ = mimicry.mimicry_check(mimicry.with_prompt(model, mimicry.DEFAULT_PROMPT), images, sets, steps, seed, guidance=1.0)
     log(f"seed {seed}: {len(sets)} LoRAs of {steps} steps trained and judged in {time.perf_counter() - started:.0f} s")
     return report
-
-
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    mean = float(np.mean(values))
-    return mean, float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
 
 
 def summarise(reports: list[dict]) -> dict[str, dict[str, tuple[float, float | None]]]:
@@ -158,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-
-    from run import machine_info, tiny_model
 
     torch.set_num_threads(args.threads)
     from fixative.engine.model import load_model

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Operations per PGD step: what an `sds` step's time is made of when the GPU waits on the host.
 
-    python bench/op_count.py [--steps 200] [--json FILE]
+    python -m bench.op_count [--steps 200] [--json FILE]
 
 On an H200 one 512² image leaves the card mostly idle, and a half-side step
 (0.24x the FLOPs) took longer than a full-size one (bench/README.md, "On a
@@ -29,11 +28,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
-
-from run import say  # noqa: E402
+from bench.common import say, tiny_engine_model
 
 SETUP_STEPS = 2  # the baseline run's steps: one coarse and one fine with coarse to fine on
 
@@ -75,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2 or args.steps % 2:
         parser.error("--steps must be even, so that coarse to fine splits them in two halves")
 
-    from schedule import tiny_engine_model
-    from sd15 import load_engine_model
-
+    from bench.sd15 import load_engine_model
     from fixative.engine.options import EngineOptions
 
     tiny, folder = tiny_engine_model()

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """How far the report's protection gain is from the value it estimates, for a few ways of drawing its samples.
 
-    python bench/report_estimate.py [--draws 30] [--truth 1024]
+    python -m bench.report_estimate [--draws 30] [--truth 1024]
 
 The report's gain (``engine.metrics.protection_figures``) is a ratio of two
 mean diffusion losses over a few (t, eps, posterior noise) samples. Each image
 is protected once at the engine's defaults (tiny model, seed 0, the three
-test images of bench/robustness.py); then, for its saved PNG and its copy
+test images of bench/common.py); then, for its saved PNG and its copy
 after Pillow's JPEG q75 (with the original served alike), the gain is
 estimated ``--draws`` times with fresh samples by each estimator, and compared
 with a "truth" from ``--truth`` uniform samples, each with its own posterior
@@ -14,10 +13,10 @@ noise. The figure is the root-mean-square error of gain - 1, x 1000.
 
 Estimators:
 - ``uniform16-shared``: 16 uniform timesteps, one posterior noise shared by
-  all samples (the report before this table);
+  all samples (the baseline: one shared noise, which no number of samples averages out);
 - ``stratifiedN``: one timestep drawn in each of N equal slices of [0, T),
   each sample with its own posterior noise (``engine.metrics.gain_samples``,
-  the report's now, with N = GAIN_SAMPLES). The bench checks that its own
+  the report's, with N = GAIN_SAMPLES). The bench checks that its own
   stratified8 estimate equals the engine's figure on the same draws.
 
 Last, the engine's figure with the model in bf16 (what ``dtype = "auto"``
@@ -31,11 +30,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
+from bench.common import IMAGES, test_image, tiny_engine_model
 
 ESTIMATORS = ("uniform16-shared", "stratified4", "stratified8", "stratified16")
 
@@ -83,17 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     from fixative.engine.geometry import Geometry
     from fixative.engine.imaging import read_back_rgb
     from fixative.engine.metrics import GAIN_SEED, as_seen, protection_figures
-    from fixative.engine.model import load_model
     from fixative.engine.options import EngineOptions
     from fixative.engine.protect import protect_image
     from fixative.engine.publishing import serve
-    from robustness import IMAGES, test_image
-    from run import tiny_model
 
-    torch.set_num_threads(1)
-    folder, _ = tiny_model(threads=1)
-    models = {dtype: load_model(EngineOptions(model=str(folder), device="cpu", dtype=dtype)) for dtype in ("fp32", "bf16")}
-    model = models["fp32"]
+    (model, folder), (bf16, _) = tiny_engine_model("fp32"), tiny_engine_model("bf16")
+    models = {"fp32": model, "bf16": bf16}
     print("rms error of (gain - 1) x 1000 against the truth; truth; engine figure in fp32 and bf16 (x 1000)")
     print("| image | served | truth | " + " | ".join(ESTIMATORS) + " | fp32 | bf16 |")
     print("|---|---|---|" + "---|" * (len(ESTIMATORS) + 2))

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """The robustness table: what each mode's protection keeps after the ways a published image is served.
 
-    python bench/robustness.py [--seeds 3] [--steps 100] [--modes sds,advdm,mist,encoder] [--json FILE]
+    python -m bench.robustness [--seeds 3] [--steps 100] [--modes sds,advdm,mist,encoder] [--json FILE]
 
 For each mode, with ``robust`` on and off, each seed and each test image, the
 engine protects the image (``engine.protect.protect_image`` at the engine's
@@ -28,26 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
+from bench.common import IMAGES, mean_se, test_image, tiny_engine_model
 
-# The test images: (family, seed, side). "fields" seed 5 is the painting the rest
-# of the bench protects; "fractal" has a photograph's 1/f spectrum and fine
-# texture. 128 px is the tiny model's training size (SD's 512): an upload at
-# exactly the size a fine-tuner uses, the hardest case for a downscale. 256 px
-# is an upload twice that size, which a platform's half-size copy still covers.
-IMAGES = (("fields", 5, 128), ("fractal", 9, 128), ("fields", 5, 256))
 MODES = ("sds", "advdm", "mist", "encoder")
-
-
-def test_image(family: str, seed: int, side: int):
-    """One test image as the SourceImage read_image would make of its PNG (see SourceImage.from_rgb)."""
-    from fixative.engine.imaging import SourceImage
-    from fixative.engine.pixels import to_rgb
-    from fixative.engine.synthetic import family_images
-
-    return SourceImage.from_rgb(to_rgb(family_images(family, 1, side, seed)[0]))
 
 
 def served_row(model, source, options) -> dict:
@@ -73,16 +55,12 @@ def served_row(model, source, options) -> dict:
     }
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
-
-
 def cell(values: list[float | None], percent: bool = False) -> str:
     known = [v for v in values if v is not None]
     if not known:
         return "n/a"
     mean, se = mean_se(known)
+    se = se or 0.0
     return f"{mean:.0%} ± {se:.0%}" if percent else f"{mean:.3f} ± {se:.3f}"
 
 
@@ -112,15 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", help="the model's precision while protecting (the figures are the same model's)")
     args = parser.parse_args(argv)
 
-    import torch
-
-    from fixative.engine.model import load_model
     from fixative.engine.options import EngineOptions
-    from run import tiny_model
 
-    torch.set_num_threads(1)
-    folder, _ = tiny_model(threads=1)
-    model = load_model(EngineOptions(model=str(folder), device="cpu", dtype=args.dtype))
+    model, folder = tiny_engine_model(args.dtype)
     steps = {"steps": args.steps} if args.steps else {}
     rows: dict[tuple[str, bool], list[dict]] = {}
     started = time.perf_counter()

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """fixative's benchmark: each protection mode at the engine's defaults against a reference AdvDM loop.
 
-    python bench/run.py [--scale tiny|full] [--json FILE] [--steps N]
+    python -m bench.run [--scale tiny|full] [--json FILE] [--steps N]
                         [--sizes 512x512,768x512] [--modes advdm,mist,sds,encoder]
 
 ``--scale full`` builds Stable Diffusion 1.5's architecture with random weights
@@ -25,27 +24,15 @@ See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import get_args
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import GIB, BenchError, machine_info, proc_bytes, run_worker, say, tiny_model
+from fixative.engine.options import EngineOptions, Mode
 
-from fixative.engine.options import EngineOptions, Mode  # noqa: E402  (pydantic only: no torch in this process)
-
-# The tests' tiny model is trained for this many steps (tests/conftest.py TRAINING_STEPS);
-# tests/test_bench.py checks the two agree, so the bench can reuse the tests' cached model.
-TRAINING_STEPS = 600
 MODES = tuple(get_args(Mode))
 DEFAULT_SIZES = {"full": "512x512,768x512", "tiny": "128x128"}
 QUALITY_SIZE = (128, 128)  # the tiny model's training resolution, its 512x512
@@ -61,150 +48,12 @@ SWEEP_DTYPES = ("fp32", "bf16")
 # mode (and its sweep) are run with several seeds and compared by their means. The other modes
 # get one seed: their gain is shown, but they do not aim at the AdvDM loss the gain measures.
 DEFAULT_SEEDS = 3
-GIB = 2**30
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-# ----------------------------------------------------------------------------------------- machine
-
-
-def _cpuinfo() -> list[dict[str, str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    blocks = []
-    for block in text.strip().split("\n\n"):
-        entry = {}
-        for line in block.splitlines():
-            key, _, value = line.partition(":")
-            entry[key.strip()] = value.strip()
-        blocks.append(entry)
-    return blocks
-
-
-def physical_cores() -> int:
-    """Cores this process may run on, counting each physical core once (SMT siblings share one)."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    cores = {
-        (entry.get("physical id", "0"), entry.get("core id", entry.get("processor")))
-        for entry in _cpuinfo()
-        if entry.get("processor", "").isdigit() and int(entry["processor"]) in allowed
-    }
-    return max(1, len(cores) if cores else len(allowed))
-
-
-def memory_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def reference_ram_estimate(width: int, height: int) -> float:
     """Bytes the fp32 reference needs on a CPU: ~3.8 GB of weights plus ~5.7 GB of activations at 512x512
     (bench/README.md: an 8.8 GiB peak at 512x512), the activations growing with the pixel count."""
     return 3.8e9 + 5.7e9 * (width * height) / 512**2
-
-
-def machine_info() -> dict:
-    info = _cpuinfo()
-    model = next((entry["model name"] for entry in info if "model name" in entry), None) or platform.processor()
-    memory = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return {
-        "cpu": model or "unknown",
-        "physical_cores": physical_cores(),
-        "logical_cpus": os.cpu_count(),
-        "memory_bytes": memory,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-    }
-
-
-# -------------------------------------------------------------------------------------- tiny model
-
-
-def _tiny_key() -> str:
-    """The tests' key (tests/conftest.py), so a model they trained is reused."""
-    recipe = b"".join((ROOT / "engine" / name).read_bytes() for name in ("tiny.py", "synthetic.py"))
-    return hashlib.sha256(recipe + str(TRAINING_STEPS).encode()).hexdigest()[:12]
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("FIXATIVE_BENCH_CACHE"):
-        return Path(os.environ["FIXATIVE_BENCH_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fixative-bench"
-
-
-def _ready(folder: Path) -> bool:
-    return (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file() and (folder / "vae").is_dir()
-
-
-def tiny_model(threads: int) -> tuple[Path, float | None]:
-    """The tests' tiny trained model: reused from pytest's cache or ours, or built and trained once.
-
-    Both caches publish a finished model by renaming its folder into place, so
-    a folder that exists under the final name is complete. Returns (folder,
-    seconds spent training, or None when it was cached).
-    """
-    key = _tiny_key()
-    pytest_cache = ROOT / ".pytest_cache" / "d"
-    final = _cache_dir() / f"tiny-{key}"
-    for folder in (pytest_cache / "fixative-tiny-models" / key, final):
-        if _ready(folder):
-            return folder, None
-    older = pytest_cache / f"fixative-tiny-model-{key}"  # the tests' earlier layout: a marker file when done
-    if (older / "trained").exists() and _ready(older):
-        return older, None
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"tiny-{key}-", dir=final.parent))
-    say(f"training the tiny model once ({TRAINING_STEPS} steps, about a minute on 2 quiet cores) into {final}")
-    try:
-        result = run_worker({"job": "train", "tiny_folder": str(staging), "training_steps": TRAINING_STEPS, "threads": threads})
-        staging.rename(final)
-    except OSError:  # another run published it first
-        pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final, result["seconds"]
-
-
-# --------------------------------------------------------------------------------------- processes
-
-
-def say(message: str = "") -> None:
-    print(message, flush=True)
-
-
-def run_worker(spec: dict) -> dict:
-    with tempfile.TemporaryDirectory(prefix="fixative-bench-") as folder:
-        spec_path, result_path = Path(folder) / "spec.json", Path(folder) / "result.json"
-        spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        env["OMP_NUM_THREADS"] = str(spec["threads"])
-        sys.stdout.flush()
-        done = subprocess.run(
-            [sys.executable, str(BENCH / "worker.py"), str(spec_path), str(result_path)], cwd=ROOT, env=env
-        )
-        if done.returncode != 0 or not result_path.exists():
-            what = spec.get("mode") or spec["job"]
-            raise BenchError(f"the {what} measurement failed (worker exit status {done.returncode}); see its output above")
-        return json.loads(result_path.read_text())
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -527,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     need_tiny = args.scale == "tiny" or not args.no_quality
     tiny_folder = None
     if need_tiny:
+        from fixative.engine.tiny import TRAINING_STEPS
+
         tiny_folder, trained = tiny_model(threads)
         report["tiny_model"] = {"folder": str(tiny_folder), "training_seconds": trained, "training_steps": TRAINING_STEPS}
         say(f"tiny model: {tiny_folder}" + (f" (trained now in {trained:.0f} s, not counted below)" if trained else " (cached)"))
@@ -535,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         say("full scale: SD-1.5 architecture with random weights, built in memory (no save/load), SDPA attention; "
             "text encoder replaced by a random (1, 77, 768) embedding")
         measure_steps = args.steps if args.steps is not None else "auto"
-        available, needed = memory_available(), max(reference_ram_estimate(w, h) for w, h in sizes)
+        available, needed = proc_bytes("MemAvailable", "/proc/meminfo"), max(reference_ram_estimate(w, h) for w, h in sizes)
         if available is not None and available < needed:
             say(
                 f"WARNING: {available / GIB:.1f} GiB of memory is available and the fp32 reference needs about "

@@ -1,6 +1,6 @@
 """One benchmark measurement, in a process of its own.
 
-``python bench/worker.py SPEC.json RESULT.json`` runs one job (``train``,
+``python -m bench.worker SPEC.json RESULT.json`` runs one job (``train``,
 ``reference`` or ``mode``) and writes its figures as JSON. ``bench/run.py``
 starts one such process per measurement, so that the peak memory each one
 reports (``ru_maxrss`` on the CPU, ``torch.cuda.max_memory_allocated`` on a
@@ -18,11 +18,12 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import mean_se, proc_bytes, source_image
 
 # The reference's settings: what the AdvDM paper's and Mist v1's code run.
 REFERENCE_STRENGTH = 8  # 0-255 levels
@@ -69,16 +70,6 @@ def runtime_info(torch, device) -> dict:
     return info
 
 
-def rss_now() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def rss_peak() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
@@ -88,7 +79,7 @@ def memory_after_build(torch, device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return {"baseline_bytes": torch.cuda.memory_allocated(device), "kind": "cuda memory_allocated"}
-    return {"baseline_bytes": rss_now(), "kind": "RSS"}
+    return {"baseline_bytes": proc_bytes("VmRSS"), "kind": "RSS"}
 
 
 def memory_peak(torch, device) -> dict:
@@ -119,30 +110,6 @@ def painting(width: int, height: int, seed: int = IMAGE_SEED) -> np.ndarray:
     from fixative.engine.tiny import synthetic_paintings
 
     return to_rgb(synthetic_paintings(1, max(width, height), seed=seed)[0, :, :height, :width])
-
-
-def source_image(rgb: np.ndarray):
-    """The painting as the engine reads it from a file (engine.imaging.read_image on a PNG).
-
-    The engine refuses images under 256 px on the short side, a floor set for
-    SD's 512 px. The tiny model's 512 is 128 px, so at tiny scale a 128 px
-    painting is handed to protect_image directly, as the SourceImage read_image
-    would have made of it.
-    """
-    from PIL import Image
-
-    from fixative.engine.errors import BadImage
-    from fixative.engine.imaging import SourceImage, read_image
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "painting.png"
-        Image.fromarray(rgb).save(path)
-        try:
-            return read_image(path)
-        except BadImage:
-            if min(rgb.shape[:2]) >= 256:
-                raise
-    return SourceImage.from_rgb(rgb)
 
 
 def load_evaluator(spec: dict, device_name: str):
@@ -186,15 +153,14 @@ def train_job(spec: dict) -> dict:
     started = time.perf_counter()
     build_tiny_model(folder)
     train_tiny_model(folder, steps=int(spec["training_steps"]))
-    (folder / "trained").touch()
     return {"seconds": round(time.perf_counter() - started, 1)}
 
 
 def _reference_model(spec: dict, torch, device):
-    from reference import ReferenceModel
+    from bench.reference import ReferenceModel
 
     if spec["scale"] == "full":
-        import sd15
+        from bench import sd15
 
         vae = sd15.build_vae(device, torch.float32)
         unet = sd15.build_unet(device, torch.float32)
@@ -237,10 +203,7 @@ def _dtype_text(vae_dtype, unet_dtype) -> str:
 def aggregate(figures: list[dict]) -> dict:
     """Per-seed evaluations -> means (and the gain's standard error, since PGD's gain varies a lot by seed)."""
     gains = [f["protection_gain"] for f in figures]
-    mean = sum(gains) / len(gains)
-    se = None
-    if len(gains) > 1:
-        se = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) ** 0.5
+    mean, se = mean_se(gains)
     return {
         "protection_gain": round(mean, 4),
         "protection_gain_se": round(se, 4) if se is not None else None,
@@ -256,7 +219,7 @@ def reference_job(spec: dict) -> dict:
     torch = setup(spec)
     import gc
 
-    import reference
+    from bench import reference
     from fixative.engine.model import pick_device
     from fixative.engine.options import EngineOptions
     from fixative.engine.pixels import to_model
@@ -452,7 +415,7 @@ def mode_job(spec: dict) -> dict:
 
     started = time.perf_counter()
     if spec["scale"] == "full":
-        import sd15
+        from bench import sd15
 
         model, built_via = sd15.load_engine_model(options)
     else:
@@ -591,6 +554,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

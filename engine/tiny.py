@@ -10,15 +10,16 @@ it is loaded through exactly the same code as a real model.
 An untrained UNet predicts roughly the same thing whatever its input, so every
 perturbation scores a protection gain near 1.0 on it. :func:`train_tiny_model`
 fixes that: it trains the UNet to denoise, on several families of synthetic
-images (:mod:`engine.synthetic`), half of them JPEG-compressed as web images
+images (:mod:`fixative.engine.synthetic`), half of them JPEG-compressed as web images
 are. A model trained on one narrow family would
-rate every perturbation as huge and every codec as devastating (that was this
-model's first version: gains of 4-6). It is still not Stable Diffusion:
+rate every perturbation as huge and every codec as devastating (gains of
+4-6, measured on one trained on a single family). It is still not Stable Diffusion:
 bench/README.md says what it can and cannot show.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -34,6 +35,16 @@ from fixative.engine.synthetic import family_images, pretraining_set
 TINY_LATENT_SIZE = 16
 TEXT_DIM = 32
 PER_FAMILY = 64  # pre-training images per family: 384 in all, at 128 px
+TRAINING_STEPS = 600  # the UNet's, for the tests and the bench alike: the model their figures are measured on
+
+
+def recipe_key() -> str:
+    """A name for the trained model that changes with its recipe: this module's and fixative.engine.synthetic's code, and the steps.
+
+    The tests and the bench cache the trained model under it, so each reuses what the other trained.
+    """
+    recipe = Path(__file__).read_bytes() + Path(__file__).with_name("synthetic.py").read_bytes()
+    return hashlib.sha256(recipe + str(TRAINING_STEPS).encode()).hexdigest()[:12]
 
 
 def _byte_vocab() -> tuple[dict[str, int], list[str]]:
@@ -94,7 +105,7 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 
 def save_model_folder(folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_config: dict) -> Path:
-    """Save an SD-shaped model in the diffusers folder layout that ``engine.model.load_model`` reads.
+    """Save an SD-shaped model in the diffusers folder layout that ``fixative.engine.model.load_model`` reads.
 
     The parts given, plus what every such model needs: the byte-level CLIP
     tokenizer, a CLIP text encoder of ``text_config`` with random weights from
@@ -144,7 +155,7 @@ def save_model_folder(folder: Path, unet: UNet2DConditionModel, vae: Autoencoder
 
 
 def synthetic_paintings(count: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Test paintings: the "fields" family of :mod:`engine.synthetic` (smooth colour fields, hard-edged strokes)."""
+    """Test paintings: the "fields" family of :mod:`fixative.engine.synthetic` (smooth colour fields, hard-edged strokes)."""
     return family_images("fields", count, size, seed)
 
 

@@ -1,14 +1,13 @@
 """Fixtures shared across the test files.
 
 The tiny trained model is built once and kept in pytest's cache folder
-(``.pytest_cache``), keyed on the source of ``engine/tiny.py``: training takes
+(``.pytest_cache``), keyed on ``engine.tiny.recipe_key()``: training takes
 about a minute on two cores, and every engine and end-to-end test needs it.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -19,9 +18,6 @@ from PIL import Image
 
 from postgres import Cluster, server_binaries
 
-TRAINING_STEPS = 600
-REPO = Path(__file__).resolve().parents[1]
-
 # One OpenMP thread for the tests and every process they start: the tiny model
 # gains nothing from two, and with the test process and a daemon subprocess
 # sharing two cores, spinning OpenMP threads made tiny steps 10-50x slower.
@@ -29,19 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _tiny_key() -> str:
-    """Changes whenever the tiny model's recipe does: its code, its training images, its steps."""
-    recipe = b"".join((REPO / "engine" / name).read_bytes() for name in ("tiny.py", "synthetic.py"))
-    return hashlib.sha256(recipe + str(TRAINING_STEPS).encode()).hexdigest()[:12]
-
-
 @pytest.fixture(scope="session")
 def tiny_model(request: pytest.FixtureRequest) -> Path:
     """A diffusers folder holding the tiny SD-shaped model, its VAE and UNet briefly trained."""
-    from fixative.engine.tiny import build_tiny_model, train_tiny_model
+    from fixative.engine.tiny import TRAINING_STEPS, build_tiny_model, recipe_key, train_tiny_model
 
     cache = Path(request.config.cache.mkdir("fixative-tiny-models"))
-    folder = cache / _tiny_key()
+    folder = cache / recipe_key()
     # Two pytest runs at once (a developer's and CI's on a shared machine) must
     # not rebuild each other's model mid-read: build under a lock, publish by rename.
     with open(cache / "lock", "w") as lock:

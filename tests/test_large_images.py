@@ -1,4 +1,4 @@
-"""Large images (issue 9): bounded memory with today's numbers, and long strips that say they are coarse.
+"""Large images: bounded memory with today's numbers, and long strips that say they are coarse.
 
 A 6000x4000 image peaked at 12.9 GB because SSIM, PSNR and the upsample ran on
 whole-image float copies; a 10000x10000 one ran out of memory. The oracles
@@ -109,10 +109,10 @@ def test_visibility_figures_are_the_whole_image_figures(height: int, width: int)
 
 
 def test_the_full_resolution_work_of_a_6_megapixel_image_stays_small(tmp_path: Path, tiny_model: Path) -> None:
-    """Through bench/memory.py, in a process of its own: 0.4 GiB above the model's peak (it was 2.6 GiB)."""
+    """Through bench.memory, in a process of its own: 0.4 GiB above the model's peak (it was 2.6 GiB)."""
     out = tmp_path / "memory.json"
     done = subprocess.run(
-        [sys.executable, "bench/memory.py", "--sizes", "3000x2000", "--threads", "1", "--json", str(out)],
+        [sys.executable, "-m", "bench.memory", "--sizes", "3000x2000", "--threads", "1", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -149,7 +149,7 @@ except OutOfMemory as error:
 
 
 def test_a_long_strip_is_protected_coarsely_and_says_so(tiny_model: Path, tmp_path: Path) -> None:
-    """Issue 9: a 6000x300 strip was worked at 1619x81, far under the model's scale, without a word."""
+    """a 6000x300 strip was worked at 1619x81, far under the model's scale, without a word."""
     model = load_model(EngineOptions(model=str(tiny_model), device="cpu", dtype="fp32"))
     options = EngineOptions(model=str(tiny_model), device="cpu", dtype="fp32", steps=1)
     for name, (height, width) in {"strip": (256, 2000), "two_to_one": (256, 512)}.items():

@@ -37,7 +37,7 @@ def test_momentum_keeps_the_saved_file_within_the_budget(model: LoadedModel, pai
 
 
 def test_momentum_beats_fixed_sign_steps_at_equal_steps(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    # bench/schedule.py's first test image (a painting at the tiny model's resolution,
+    # The bench's first test image, bench.common.IMAGES[0] (a painting at the tiny model's resolution,
     # under the 256 px file floor, so handed over as read_image would make it), seed 0.
     rgb = ((family_images("fields", 1, 128, seed=5)[0].permute(1, 2, 0).numpy() + 1) * 127.5).round()
     source = SourceImage(rgb=rgb.astype(np.uint8), alpha=None, icc_profile=None, dpi=None, exif=None, notes=())
