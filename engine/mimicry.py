@@ -127,25 +127,27 @@ def unit_cost(model: LoadedModel) -> tuple[float, float]:
 
 @contextmanager
 def fine_tuned(
-    model: LoadedModel, images: list[np.ndarray], steps: int, seed: int, progress: Progress | None = None
+    model: LoadedModel, images: list[np.ndarray], steps: int, seed: int, progress: Progress | None = None, *,
+    rank: int = LORA_RANK, learning_rate: float = LEARNING_RATE,
 ) -> Iterator[None]:
     """Train a LoRA on ``images`` into ``model.unet`` for the ``with`` block, then remove it.
 
-    ``model.text_embedding`` is the prompt the LoRA is trained on (see :func:`with_prompt`).
+    ``model.text_embedding`` is the prompt the LoRA is trained on (see :func:`with_prompt`). ``rank``
+    and ``learning_rate``: the mimic's recipe, the scripts' defaults unless a bench tries a stronger mimic.
     """
     from peft import LoraConfig
 
     unet = model.unet
     # As the scripts do: gaussian init of A, zero B, so training starts from the base model exactly.
     unet.add_adapter(
-        LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian", target_modules=LORA_TARGETS),
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS),
         adapter_name="mimic",
     )
     try:
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:  # the scripts keep trainable weights in fp32 under mixed precision
             p.data = p.data.float()
-        _train(model, params, images, steps, seed, progress)
+        _train(model, params, images, steps, seed, progress, learning_rate)
         unet.eval()
         yield
     finally:
@@ -154,12 +156,13 @@ def fine_tuned(
 
 
 def _train(
-    model: LoadedModel, params: list[torch.Tensor], images: list[np.ndarray], steps: int, seed: int, progress: Progress | None
+    model: LoadedModel, params: list[torch.Tensor], images: list[np.ndarray], steps: int, seed: int, progress: Progress | None,
+    learning_rate: float,
 ) -> None:
     side = model.resolution
     resized = [_resize_short_side(to_model(rgb, model.device), side) for rgb in images]
     generator = torch.Generator().manual_seed(seed)  # CPU: the same draws on every device
-    optimiser = torch.optim.AdamW(params, lr=LEARNING_RATE)
+    optimiser = torch.optim.AdamW(params, lr=learning_rate)
     batch = min(BATCH_SIZE, len(images))
     order: list[int] = []
     # The VAE is frozen, so a crop's posterior is the same every time it is drawn: encode each
@@ -288,6 +291,40 @@ def gram(latents: torch.Tensor) -> torch.Tensor:
 def gram_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """||G(a) - G(b)|| / ||G(b)||: how far a's latent style statistics are from b's."""
     return float((gram(a) - gram(b)).norm() / gram(b).norm())
+
+
+@torch.no_grad()
+def style_statistics(model: LoadedModel, images: torch.Tensor) -> list[torch.Tensor]:
+    """The Gram matrices of a set of images in [-1, 1]: of the pixels, and of each encoder block's features.
+
+    Gatys et al. (CVPR 2016, section 2.2) describe a style by the correlations
+    between a trained network's feature channels, pooled over positions,
+    which keep texture and palette and drop the layout. The pixels' own Gram
+    matrix (3 x 3, uncentred) is the colour statistics: the channels' mean
+    brightness and how they vary together. Averaged over the set, so a set of
+    works is compared as a whole. Only as good as the encoder: a random one
+    separates nothing (bench/README.md, "The measuring model").
+    """
+    features: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda module, args, output: features.append(output.float()))
+             for block in model.vae.encoder.down_blocks]
+    try:
+        model.vae.encoder(images.to(device=model.device, dtype=model.vae.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [gram(layer) for layer in [images.to(model.device).float(), *features]]
+
+
+def style_distance(model: LoadedModel, a: torch.Tensor, b: torch.Tensor) -> float:
+    """How far the style of image set ``a`` is from ``b``'s, in [0, 1] (see :func:`statistics_distance`)."""
+    return statistics_distance(style_statistics(model, a), style_statistics(model, b))
+
+
+def statistics_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The mean over the layers of ||G(a) - G(b)|| / (||G(a)|| + ||G(b)||): symmetric, 0 for the same statistics."""
+    distances = [float((ga - gb).norm() / (ga.norm() + gb.norm())) for ga, gb in zip(a, b)]
+    return sum(distances) / len(distances)
 
 
 def judge(

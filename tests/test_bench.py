@@ -293,3 +293,16 @@ def test_job_table_claims_every_job_once():
     done = _bench("bench.job_table", "--jobs", "30", "--claimers", "1,2")
     assert re.search(r"^sqlite +2 ", done.stdout, re.M), done.stdout
 
+
+@pytest.mark.slow
+def test_the_measuring_model_build_writes_a_loadable_model_and_its_recipe(tmp_path: Path):
+    # A few steps of each part: this checks the script and the folder it writes, not the model's quality.
+    from fixative.engine.model import load_model
+    from fixative.engine.options import EngineOptions
+
+    out = tmp_path / "measuring"
+    _bench("bench.measuring_model", "--out", str(out), "--vae-steps", "2", "--unet-steps", "2", "--lora-steps", "2")
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["vae_steps"] == 2 and set(recipe["figures"]) >= {"flip_error", "shift8_error"}
+    model = load_model(EngineOptions(model=str(out), device="cpu", dtype="fp32"))
+    assert model.resolution == 128 and model.scaling_factor == pytest.approx(recipe["scaling_factor"])
