@@ -1,17 +1,21 @@
 """The mimicry table: does a mimic's LoRA learn the style less from protected copies than from clean ones?
 
-    python -m bench.mimicry [--seeds 3] [--steps 200] [--originals 10] [--modes advdm,mist,sds,encoder]
-                            [--after jpeg75] [--json FILE] [--threads 1]
+    python -m bench.mimicry [--style ink] [--seeds 3] [--steps 300]
+                            [--modes advdm,mist,sds,encoder] [--after jpeg75] [--json FILE] [--threads 2]
 
-On the tests' tiny trained model, for each seed: a set of "style" images is
-drawn from the family it never saw in pre-training (``engine.synthetic.STYLE_FAMILY``), protected by every mode at the engine's defaults, and, as a control,
-perturbed by random noise of the same budget (every pixel and channel moved by
-plus or minus ``strength`` levels, the L-infinity corner that PGD's sign steps
-mostly end on). Then one LoRA is trained on each training set, and on each
-after a platform's pipeline (``engine.publishing``, JPEG q75 by default), and
-every LoRA is judged against the originals by ``engine.mimicry.mimicry_check``,
-the function ``fixative check`` runs. The table gives each figure divided by
-the clean LoRA's, mean and standard error over seeds. See bench/README.md.
+On the measuring model (bench/models/measuring, ``bench.measuring_model``),
+the artist is one of :data:`fixative.engine.styles.STYLES`: its 10 training
+works are protected by every mode at the engine's defaults and, as a
+control, perturbed by random noise of the same budget (every pixel and
+channel moved by plus or minus ``strength`` levels, the L-infinity corner
+that PGD's sign steps mostly end on). Its held-out works, of other subjects,
+are never trained on. Then one LoRA is trained on each training set, and on
+each after a platform's pipeline (``engine.publishing``, JPEG q75 by
+default), and every LoRA is judged against the originals by
+``engine.mimicry.mimicry_check``, the function ``fixative check`` runs. The
+table gives each figure divided by the clean LoRA's, mean and standard error
+over seeds (of the PGD, the noise and the LoRA: the works are fixed). See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -25,25 +29,26 @@ from typing import get_args
 
 import numpy as np
 
-from bench.common import machine_info, mean_se, source_image, tiny_model
+from bench.common import machine_info, mean_se, source_image
 from fixative.engine.options import EngineOptions, Mode
 
-STYLE_SIZE = 128  # the tiny model's training side: its 512
 FIGURES = {  # column title -> (group, key) in a LoRA's figures
     "learned, trained": ("learned", "loss_trained_originals"),
     "learned, held out": ("learned", "loss_held_out_originals"),
     "loss ratio, held out": ("ratio", "loss_held_out_originals"),
     "colour dist ratio": ("ratio", "colour_distance"),
-    "latent Gram ratio": ("ratio", "latent_gram_distance"),
+    "style dist ratio": ("ratio", "style_distance"),
 }
 
 
-def style_images(count: int, seed: int) -> list[np.ndarray]:
-    """The "artist's" works: the synthetic family the tiny model never saw in pre-training, uint8 HxWx3."""
+def style_works(style: str) -> tuple[list[np.ndarray], list[int]]:
+    """The artist's works, uint8 HxWx3: its training works, then its held-out works (other subjects); and which are held out."""
+    from bench.measuring_model import RESOLUTION
     from fixative.engine.pixels import to_rgb
-    from fixative.engine.synthetic import STYLE_FAMILY, family_images
+    from fixative.engine.styles import works
 
-    return [to_rgb(x) for x in family_images(STYLE_FAMILY, count, STYLE_SIZE, seed=10_000 + seed)]
+    training, held_out = works(style, RESOLUTION), works(style, RESOLUTION, held_out=True)
+    return [to_rgb(x) for x in (*training, *held_out)], list(range(len(training), len(training) + len(held_out)))
 
 
 def noise_copy(rgb: np.ndarray, strength: int, rng: np.random.Generator) -> np.ndarray:
@@ -60,23 +65,26 @@ def protected_copies(model, images: list[np.ndarray], mode: str, seed: int) -> l
     return [read_back_rgb(protect_image(source_image(rgb), model, options).data) for rgb in images]
 
 
-def one_seed(model, seed: int, originals: int, modes: list[str], after: list[str], steps: int) -> dict:
+def one_seed(model, style: str, seed: int, modes: list[str], after: list[str], steps: int) -> dict:
     from fixative.engine import mimicry
     from fixative.engine.publishing import serve
 
-    images = style_images(originals, seed)
+    images, held_out = style_works(style)
+    training = [i for i in range(len(images)) if i not in held_out]
     strength = EngineOptions().strength
     sets = {"clean": images}
     for mode in modes:
         started = time.perf_counter()
-        sets[mode] = protected_copies(model, images, mode, seed)
-        log(f"seed {seed}: protected {len(images)} images with {mode} in {time.perf_counter() - started:.0f} s")
+        # Only the training works: the held-out ones never reach a LoRA, so their place keeps the original.
+        protected = dict(zip(training, protected_copies(model, [images[i] for i in training], mode, seed)))
+        sets[mode] = [protected.get(i, image) for i, image in enumerate(images)]
+        log(f"seed {seed}: protected {len(training)} images with {mode} in {time.perf_counter() - started:.0f} s")
     sets[f"noise ±{strength}"] = [noise_copy(rgb, strength, np.random.default_rng([seed, i])) for i, rgb in enumerate(images)]
     for pipeline in after:
         sets.update({f"{name}+{pipeline}": [serve(rgb, pipeline) for rgb in copies] for name, copies in list(sets.items()) if "+" not in name})
     started = time.perf_counter()
-    # The tiny model never saw the empty prompt, so guidance would extrapolate to nowhere (see mimicry.generate).
-    report, _ = mimicry.mimicry_check(mimicry.with_prompt(model, mimicry.DEFAULT_PROMPT), images, sets, steps, seed, guidance=1.0)
+    report, _ = mimicry.mimicry_check(mimicry.with_prompt(model, mimicry.DEFAULT_PROMPT), images, sets, steps, seed,
+                                      held_out=held_out)
     log(f"seed {seed}: {len(sets)} LoRAs of {steps} steps trained and judged in {time.perf_counter() - started:.0f} s")
     return report
 
@@ -137,12 +145,12 @@ def log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds: images, PGD, noise and LoRA (default 3)")
-    parser.add_argument("--steps", type=int, default=200, help="LoRA training steps (default 200)")
-    parser.add_argument("--originals", type=int, default=10, help="style images per seed; one in five held out (default 10)")
+    parser.add_argument("--style", default="ink", help="the measuring model's artist style (engine.styles.STYLES)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds: PGD, noise and LoRA (default 3)")
+    parser.add_argument("--steps", type=int, default=300, help="LoRA training steps (default 300)")
     parser.add_argument("--modes", default=",".join(get_args(Mode)), help="protection modes, comma-separated")
     parser.add_argument("--after", default="jpeg75", help="serving pipelines, comma-separated ('' for none)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny steps gain nothing from more)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", type=Path, help="write every seed's full report here")
     args = parser.parse_args(argv)
 
@@ -151,14 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from fixative.engine.model import load_model
 
-    folder, _ = tiny_model(args.threads)
-    model = load_model(EngineOptions(model=str(folder), device="cpu"), generation=True)
+    from bench.measuring_model import OUT
+
+    model = load_model(EngineOptions(model=str(OUT), device="cpu"), generation=True)
     modes = [m for m in args.modes.split(",") if m]
     after = [p for p in args.after.split(",") if p]
     started = time.perf_counter()
-    reports = [one_seed(model, seed, args.originals, modes, after, args.steps) for seed in range(args.seeds)]
+    reports = [one_seed(model, args.style, seed, modes, after, args.steps) for seed in range(args.seeds)]
     table = summarise(reports)
-    print(f"mimicry, tiny model: {args.originals} originals, {args.steps} LoRA steps, {args.seeds} seeds; "
+    print(f"mimicry, measuring model, the {args.style} style: {len(reports[0]['held_out'])} of {reports[0]['originals']} works held out, "
+          f"{args.steps} LoRA steps, {args.seeds} seeds; "
           f"ratios against the clean LoRA, mean ± standard error over seeds")
     print_table(table, reports)
     if args.json:

@@ -140,13 +140,13 @@ def verdict(report: dict) -> list[str]:
     base, loras = report["base"], report["loras"]
     held = report["held_out"]
     lines = [
-        f"{'':26}{'loss, trained':>15}{'loss, held out':>16}{'colour dist':>13}{'latent Gram':>13}",
+        f"{'':26}{'loss, trained':>15}{'loss, held out':>16}{'colour dist':>13}{'style dist':>13}",
     ]
     for name, figures in [("base (no LoRA)", base)] + [(f"LoRA on {name}", f) for name, f in loras.items()]:
         held_text = "-" if figures["loss_held_out_originals"] is None else f"{figures['loss_held_out_originals']:.5f}"
         lines.append(
             f"{name:26}{figures['loss_trained_originals']:>15.5f}{held_text:>16}"
-            f"{figures['colour_distance']:>13.3f}{figures['latent_gram_distance']:>13.3f}"
+            f"{figures['colour_distance']:>13.3f}{figures['style_distance']:>13.3f}"
         )
     lines.append("")
     clean = loras["clean"]
@@ -163,7 +163,7 @@ def verdict(report: dict) -> list[str]:
     )
     lines.append(
         "Loss: how badly each model predicts the noise on your originals (lower = it learned your images better). "
-        "Distances: how far its samples are from your originals in colour and in latent texture statistics "
+        "Distances: how far its samples are from your originals in colour and in style statistics "
         "(higher = further from your style)."
     )
     for name, figures in loras.items():
@@ -174,14 +174,15 @@ def verdict(report: dict) -> list[str]:
         lines.append(
             f"- {name}: learned {_percent(learned['loss_trained_originals'])} of what the clean LoRA learned "
             f"(trained works{held_text}); its samples are {ratio['colour_distance']:.2f}x as far in colour and "
-            f"{ratio['latent_gram_distance']:.2f}x in texture statistics as the clean LoRA's."
+            f"{ratio['style_distance']:.2f}x in style statistics as the clean LoRA's."
         )
     lines.append(
         "Below 100% learned and above 1.00x distance mean the copies taught your style less well than the originals. "
-        "This is one seed and one recipe (a rank-4 LoRA): differences of a few percent are within run-to-run noise, "
+        f"This is one seed and one recipe (a rank-{report['recipe']['lora_rank']} LoRA): differences of a few percent "
+        "are within run-to-run noise, "
         "and other fine-tuning methods may learn more. Look at the contact sheet."
     )
-    for key, what in (("colour_distance", "colour"), ("latent_gram_distance", "texture statistics")):
+    for key, what in (("colour_distance", "colour"), ("style_distance", "style statistics")):
         if clean[key] >= base[key]:
             lines.append(
                 f"Note: the clean LoRA's samples are no closer to your originals in {what} than the base model's, "

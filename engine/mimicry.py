@@ -21,9 +21,10 @@ Each LoRA is then judged against the *originals*:
   LoRA achieves is ``learned``: 1.0 learned as much as the clean one, 0.0 no
   more than the base model knew.
 * **sample distances** between images generated with fixed seeds and the
-  originals, with statistics that need no downloaded network: colour
-  histograms (total variation distance) and Gram matrices of the VAE latents
-  (Gatys et al., CVPR 2016: channel correlations as style statistics).
+  originals, with statistics that need no network beyond the model's own:
+  colour histograms (total variation distance) and the style distance
+  (:func:`style_distance`: Gram matrices of the pixels and of the VAE
+  encoder's features, Gatys et al., CVPR 2016).
 
 and every figure is divided by the clean LoRA's (``ratio``): above 1, the
 protected copies taught the style less well than the clean ones.
@@ -282,15 +283,10 @@ def colour_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((histogram(a) - histogram(b)).abs().sum(dim=1).mean() / 2)
 
 
-def gram(latents: torch.Tensor) -> torch.Tensor:
-    """The mean channel Gram matrix of a set of latents (N, C, h, w)."""
-    features = latents.flatten(2).float()
+def gram(features: torch.Tensor) -> torch.Tensor:
+    """The mean channel Gram matrix of a set of feature maps (N, C, h, w)."""
+    features = features.flatten(2).float()
     return (features @ features.transpose(1, 2) / features.shape[-1]).mean(0)
-
-
-def gram_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||G(a) - G(b)|| / ||G(b)||: how far a's latent style statistics are from b's."""
-    return float((gram(a) - gram(b)).norm() / gram(b).norm())
 
 
 @torch.no_grad()
@@ -333,17 +329,17 @@ def judge(
     """The figures of ``model`` (with or without a LoRA) against the originals, and its samples."""
     losses = denoising_losses(model, originals.latents, progress)
     trained = [loss for i, loss in enumerate(losses) if i not in held_out]
-    latents, pixels = generate(model, guidance, progress)
+    _, pixels = generate(model, guidance, progress)
     figures = {
         "loss_trained_originals": float(np.mean(trained)),
         "loss_held_out_originals": float(np.mean([losses[i] for i in held_out])) if held_out else None,
         "colour_distance": colour_distance(pixels, originals.pixels),
-        "latent_gram_distance": gram_distance(latents, originals.latents),
+        "style_distance": style_distance(model, pixels, originals.pixels),
     }
     return figures, pixels
 
 
-FIGURES = ("loss_trained_originals", "loss_held_out_originals", "colour_distance", "latent_gram_distance")
+FIGURES = ("loss_trained_originals", "loss_held_out_originals", "colour_distance", "style_distance")
 
 
 def compare(figures: dict, clean: dict, base: dict) -> dict:
@@ -364,14 +360,17 @@ def mimicry_check(
     seed: int = 0,
     guidance: float = GUIDANCE,
     progress: Progress | None = None,
+    held_out: list[int] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Train one LoRA per training set (``"clean"`` must be one) and judge each against the originals.
 
     Each training set holds one image per original, in the same order; the
     held-out originals' counterparts are left out of every training set.
+    ``held_out``: which originals those are; by default every fifth
+    (:func:`held_out_indices`), as an artist's folder has no other order.
     Returns (report, samples per LoRA, with ``"base"`` for the model without one).
     """
-    held_out = held_out_indices(len(originals))
+    held_out = held_out_indices(len(originals)) if held_out is None else held_out
     judged = Originals.prepare(model, originals)
     base, base_samples = judge(model, judged, held_out, guidance, progress)
     results, samples = {}, {"base": base_samples}

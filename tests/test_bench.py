@@ -210,9 +210,9 @@ def test_tiny_bench_runs_and_reports_every_mode(tmp_path: Path, tiny_model: Path
 
 
 @pytest.mark.slow
-def test_mimicry_table_runs_with_the_noise_control_and_jpeg(tmp_path: Path, tiny_model: Path):
+def test_mimicry_table_runs_with_the_noise_control_and_jpeg(tmp_path: Path):
     figures = tmp_path / "mimicry.json"
-    done = _bench("bench.mimicry", "--seeds", "2", "--steps", "10", "--originals", "5", "--modes", "encoder",
+    done = _bench("bench.mimicry", "--seeds", "2", "--steps", "5", "--modes", "encoder",
                   "--json", str(figures), timeout=1200)
     table = json.loads(figures.read_text())["table"]
     assert set(table) == {"clean", "encoder", "noise ±8", "clean+jpeg75", "encoder+jpeg75", "noise ±8+jpeg75"}

@@ -58,7 +58,7 @@ def test_check_end_to_end(tmp_path: Path, config: Path):
     assert set(report["loras"]) == {"clean", "protected", "protected+jpeg75"}
     for figures in [report["base"], *report["loras"].values()]:
         assert figures["loss_trained_originals"] > 0 and figures["loss_held_out_originals"] > 0
-        assert 0 <= figures["colour_distance"] <= 1 and figures["latent_gram_distance"] > 0
+        assert 0 <= figures["colour_distance"] <= 1 and 0 < figures["style_distance"] < 1
     assert report["loras"]["protected"]["ratio"]["loss_held_out_originals"] > 0
     # The copies made on the fly are kept, and are protected copies of the originals.
     copies = sorted((out / "protected").iterdir())
@@ -138,12 +138,12 @@ def test_a_pickle_checkpoint_is_refused(tmp_path: Path, config: Path, capsys):
 def test_the_verdict_does_not_claim_what_the_run_cannot_show():
     from fixative.daemon.check_command import verdict
 
-    def figures(loss: float, gram: float) -> dict:
+    def figures(loss: float, style: float) -> dict:
         return {"loss_trained_originals": loss, "loss_held_out_originals": None, "colour_distance": 0.4,
-                "latent_gram_distance": gram, "ratio": {"colour_distance": 1.0, "latent_gram_distance": 1.0},
+                "style_distance": style, "ratio": {"colour_distance": 1.0, "style_distance": 1.0},
                 "learned": {"loss_trained_originals": 0.5, "loss_held_out_originals": None}}
 
-    report = {"base": figures(0.010, 10.0), "held_out": [], "recipe": {"steps": 5},
+    report = {"base": figures(0.010, 10.0), "held_out": [], "recipe": {"steps": 5, "lora_rank": 4},
               "loras": {"clean": figures(0.011, 12.0), "protected": figures(0.012, 12.0)}}
     text = "\n".join(verdict(report))
     assert "cannot say whether the protection works" in text and "learned 50%" not in text
@@ -151,4 +151,4 @@ def test_the_verdict_does_not_claim_what_the_run_cannot_show():
     report["loras"]["clean"]["loss_trained_originals"] = 0.009
     text = "\n".join(verdict(report))
     assert "learned 50% of what the clean LoRA learned" in text
-    assert "no closer to your originals in texture statistics" in text and "in colour than" in text
+    assert "no closer to your originals in style statistics" in text and "in colour than" in text
