@@ -203,7 +203,6 @@ def lora_figures(model, rank: int, learning_rate: float, steps: int, seed: int =
     with the judge's fixed (t, eps) draws, and the LoRA's own prompt.
     """
     from fixative.engine import mimicry
-    from fixative.engine.pixels import to_rgb
     from fixative.engine.styles import STYLES, works
 
     model = mimicry.with_prompt(model, mimicry.DEFAULT_PROMPT)
@@ -230,7 +229,7 @@ def contact_sheet(model, path: Path) -> None:
 
     rows = []
     for name in SHEET_CAPTIONS:
-        _, pixels = mimicry.generate(mimicry.with_prompt(model, CAPTIONS[name]), mimicry.GUIDANCE)
+        pixels = mimicry.generate(mimicry.with_prompt(model, CAPTIONS[name]), mimicry.GUIDANCE)
         rows.append(np.concatenate([to_rgb(image) for image in pixels], axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
@@ -285,6 +284,7 @@ def build(out: Path, vae_steps: int, unet_steps: int, seed: int, lora_steps: int
     vae = measuring_vae(seed)
     train_vae(vae, vae_steps, batch=16, seed=seed, log=log)
     scale = set_latent_scale(vae, training_pictures(256, RESOLUTION, seed + 2)[0])
+    # Logged now, before the UNet's half hour, so a bad VAE is seen early; the recipe's are taken on the saved model.
     log(f"vae: scaling factor {scale:.4f}, {vae_figures(vae, seed)}")
     unet = measuring_unet(seed)
     # The text encoder keeps its random weights: captions need only be told apart, and it is not attacked.

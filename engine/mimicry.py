@@ -211,10 +211,11 @@ def _embedding(model: LoadedModel, prompt: str) -> torch.Tensor:
 
 @dataclass
 class Originals:
-    """The originals as the judge sees them: centre-cropped at the model's resolution, and their latents."""
+    """The originals as the judge sees them: centre-cropped at the model's resolution, their latents and style."""
 
     pixels: torch.Tensor  # (N, 3, side, side) in [-1, 1]
     latents: torch.Tensor  # (N, C, h, w), posterior means
+    style: list[torch.Tensor]  # style_statistics of the set: the VAE is frozen, so once for every LoRA
 
     @classmethod
     def prepare(cls, model: LoadedModel, images: list[np.ndarray]) -> "Originals":
@@ -222,7 +223,7 @@ class Originals:
         pixels = torch.cat([_centre_crop(_resize_short_side(to_model(rgb, model.device), side), side) for rgb in images])
         with torch.no_grad():
             latents = torch.cat([encode(model, x[None])[0] for x in pixels])
-        return cls(pixels=pixels, latents=latents)
+        return cls(pixels=pixels, latents=latents, style=style_statistics(model, pixels))
 
 
 @torch.no_grad()
@@ -240,8 +241,8 @@ def denoising_losses(model: LoadedModel, latents: torch.Tensor, progress: Progre
 
 
 @torch.no_grad()
-def generate(model: LoadedModel, guidance: float, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAMPLE_COUNT images from fixed seeds with DDIM and classifier-free guidance: (latents, pixels in [-1, 1]).
+def generate(model: LoadedModel, guidance: float, progress: Progress | None = None) -> torch.Tensor:
+    """SAMPLE_COUNT images from fixed seeds with DDIM and classifier-free guidance, in [-1, 1].
 
     Guidance (Ho & Salimans 2022) is what every SD front end samples with, but
     it extrapolates from the unconditional prediction: a model never trained
@@ -254,7 +255,7 @@ def generate(model: LoadedModel, guidance: float, progress: Progress | None = No
     side = model.resolution // (2 ** (len(model.vae.config.block_out_channels) - 1))
     shape = (1, model.unet.config.in_channels, side, side)
     context = torch.cat([_embedding(model, ""), model.text_embedding])
-    latents, pixels = [], []
+    pixels = []
     for i in range(SAMPLE_COUNT):
         generator = torch.Generator().manual_seed(SAMPLE_SEED + i)
         z = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(model.device)
@@ -264,12 +265,11 @@ def generate(model: LoadedModel, guidance: float, progress: Progress | None = No
             z = scheduler.step(unconditional + guidance * (conditional - unconditional), t, z).prev_sample
             if progress:
                 progress(2)
-        latents.append(z)
         decoded = model.vae.decode((z / model.scaling_factor).to(model.vae.dtype)).sample.float()
         pixels.append(decoded.clamp(-1, 1))
         if progress:
             progress(DECODE_UNITS)
-    return torch.cat(latents), torch.cat(pixels)
+    return torch.cat(pixels)
 
 
 def colour_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -329,12 +329,12 @@ def judge(
     """The figures of ``model`` (with or without a LoRA) against the originals, and its samples."""
     losses = denoising_losses(model, originals.latents, progress)
     trained = [loss for i, loss in enumerate(losses) if i not in held_out]
-    _, pixels = generate(model, guidance, progress)
+    pixels = generate(model, guidance, progress)
     figures = {
         "loss_trained_originals": float(np.mean(trained)),
         "loss_held_out_originals": float(np.mean([losses[i] for i in held_out])) if held_out else None,
         "colour_distance": colour_distance(pixels, originals.pixels),
-        "style_distance": style_distance(model, pixels, originals.pixels),
+        "style_distance": statistics_distance(style_statistics(model, pixels), originals.style),
     }
     return figures, pixels
 
