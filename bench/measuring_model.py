@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from fixative.engine import mimicry
 from fixative.engine.metrics import psnr
 from fixative.engine.photos import BASE, HELD_OUT, photo, random_crops, tiles
 from fixative.engine.pixels import to_rgb
@@ -192,8 +193,8 @@ def style_separation(model) -> dict[str, float]:
             "style_triplets_right": float(np.mean(wins))}
 
 
-# The mimic of the build's figures: within what the trainers use (rank 4-32, lr 1e-4 to 1e-3, 200-2000 steps).
-MIMIC = {"rank": 8, "learning_rate": 5e-4, "steps": 300}
+# The mimic of the build's figures: the recipe fixative check and the mimicry table train with.
+MIMIC = {"rank": mimicry.LORA_RANK, "learning_rate": mimicry.LEARNING_RATE, "steps": 300}
 
 
 def lora_figures(model, rank: int, learning_rate: float, steps: int, seed: int = 0) -> dict[str, float]:
@@ -202,7 +203,6 @@ def lora_figures(model, rank: int, learning_rate: float, steps: int, seed: int =
     ``lora_gain_STYLE``: 1 - held-out loss after / before (0.05: 5% lower),
     with the judge's fixed (t, eps) draws, and the LoRA's own prompt.
     """
-    from fixative.engine import mimicry
     from fixative.engine.styles import STYLES, works
 
     model = mimicry.with_prompt(model, mimicry.DEFAULT_PROMPT)
@@ -224,8 +224,6 @@ SHEET_CAPTIONS = ("astronaut", "brick", "fields", "hatching")
 def contact_sheet(model, path: Path) -> None:
     """The base model's samples for a few of its training captions, a row each: do they look like their sources?"""
     from PIL import Image
-
-    from fixative.engine import mimicry
 
     rows = []
     for name in SHEET_CAPTIONS:

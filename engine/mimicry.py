@@ -47,10 +47,14 @@ from fixative.engine.diffusion import denoiser_residual, draw_timesteps_and_nois
 from fixative.engine.model import LoadedModel
 from fixative.engine.pixels import to_model
 
-# The mimic's recipe: diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py.
-LORA_RANK = 4
+# The mimic's recipe, within what the trainers use (diffusers' train_text_to_image_lora.py and
+# train_dreambooth_lora.py, kohya-ss: rank 4-32, learning rate 1e-4 to 1e-3). Rank 8 at 5e-4 is the
+# recipe under which a LoRA on the measuring model learns a held-out style (6.5-12.8% lower loss in
+# 300 steps, bench/README.md); the scripts' rank 4 at 1e-4 learns far less there, so a check run with
+# it would call a perturbation "protected" against a mimic that barely trained.
+LORA_RANK = 8
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-LEARNING_RATE = 1e-4
+LEARNING_RATE = 5e-4
 BATCH_SIZE = 4
 DEFAULT_PROMPT = "a painting in the style of sks"
 
