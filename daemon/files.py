@@ -19,9 +19,14 @@ import stat
 import tempfile
 from pathlib import Path
 
-from fixative.engine.errors import BadImage  # a plain exception: no torch
+from fixative.engine.errors import BadImage, EngineError  # plain exceptions: no torch
 
 OUTPUT_MODE = 0o644  # mkstemp makes files 0600; protected copies are meant to be shared
+# The longest file name, in bytes, on the file systems outputs land on (ext4, XFS,
+# Btrfs, APFS, NTFS and the NAS protocols all allow 255).
+NAME_MAX = 255
+# What mkstemp adds to a prefix: 8 random characters, then the ".tmp" suffix.
+_TEMP_ADDED = 8 + len(".tmp")
 
 
 class MachineError(Exception):
@@ -30,6 +35,23 @@ class MachineError(Exception):
 
 class SourceChanged(Exception):
     """The original no longer holds the content that was queued: the job is stale, not failed."""
+
+
+class UnwritableName(EngineError):
+    """No name for the output can exist in its folder: longer than :data:`NAME_MAX`. Retrying cannot help."""
+
+
+class FolderBlocked(EngineError):
+    """A file inside the export folder is where the output's folder should be.
+
+    Its job's alone (the other jobs' folders are free), and it lasts until
+    someone moves the file: waiting cannot help, so the job fails, saying which file.
+    """
+
+
+def fits(name: str) -> bool:
+    """Whether ``name`` can be a file name: at most :data:`NAME_MAX` bytes."""
+    return len(os.fsencode(name)) <= NAME_MAX
 
 
 def file_sha256(path: Path) -> str:
@@ -75,17 +97,34 @@ def read_queued(path: Path, sha256: str, inbox: Path) -> bytes:
     return data
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be made in it; MachineError says why not."""
+def check_writable(folder: Path, within: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be made in it; MachineError says why not.
+
+    ``within``: the export folder. A file in the way of a folder below it
+    (``export/sub`` a file, for ``inbox/sub/a.png``) is FolderBlocked instead;
+    the export folder itself a file is the machine's fault, as every job meets it.
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except (FileExistsError, NotADirectoryError) as error:  # strerror would say "File exists": true, but unhelpful
+        blocker = in_the_way(folder)
+        if blocker is not None and within in blocker.parents:
+            raise FolderBlocked(f"cannot write in {folder}: the file {blocker} is in the way where a folder "
+                                f"should be; move it, then run `fixative retry --failed`") from error
         raise MachineError(f"cannot write in the export folder {folder}: a file is in the way "
                            f"where a folder should be") from error
     except OSError as error:
         raise MachineError(f"cannot write in the export folder {folder}: {error.strerror or error}") from error
+
+
+def in_the_way(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that exists and is not a folder (nor a link to one), if any."""
+    for path in [*reversed(folder.parents), folder]:
+        if os.path.lexists(path) and not path.is_dir():
+            return path
+    return None
 
 
 def remove_temp_files(path: Path) -> list[Path]:
@@ -95,7 +134,7 @@ def remove_temp_files(path: Path) -> list[Path]:
     the calling job, so nothing else can match.
     """
     removed = []
-    for temp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for temp in path.parent.glob(f"{glob.escape(temp_prefix(path.name))}*.tmp"):
         with contextlib.suppress(OSError):
             temp.unlink()
             removed.append(temp)
@@ -109,7 +148,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     fsync, rename over, then fsync the folder so the rename itself is on disk.
     The temp name is hidden, so sync clients watching the export folder skip it.
     """
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -126,3 +165,19 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def temp_prefix(name: str) -> str:
+    """How :func:`write_atomically`'s temp names for ``name`` start: ``.NAME.``, shortened where that would not fit.
+
+    Any name that fits may be written, so a long one (up to NAME_MAX) keeps
+    what fits of its start and a digest of the whole: still one prefix per
+    name, so :func:`remove_temp_files` never takes another name's temp file.
+    """
+    prefix = f".{name}."
+    if fits(prefix + "X" * _TEMP_ADDED):
+        return prefix
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    room = NAME_MAX - _TEMP_ADDED - len(f".~{digest}.")
+    start = os.fsencode(name)[:room].decode("utf-8", "ignore")  # never half a character
+    return f".{start}~{digest}."

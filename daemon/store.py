@@ -482,18 +482,22 @@ class JobStore:
                      WHERE id = :id AND owner = :owner AND state = 'running'"""
         return self._update(sql, params)
 
-    def release(self, job_id: int, owner: str, error: str | None = None) -> bool:
+    def release(self, job_id: int, owner: str, error: str | None = None, *, retry_after_seconds: float = 0) -> bool:
         """Give a job back without counting the attempt.
 
         For the engine being asked to stop, and for failures that are the
         machine's fault rather than the image's (export folder unwritable, disk
         full): those must not use up the image's attempts. ``error`` says why.
+        ``retry_after_seconds``: not claimed again before then, so that the
+        other jobs pass it meanwhile (the fault may be this job's alone: its
+        subfolder unwritable).
         """
         return self._update(
             """UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, attempts = attempts - 1,
-                      progress_step = NULL, progress_total = NULL, error = :error, updated_at = :now
+                      progress_step = NULL, progress_total = NULL, error = :error, not_before = :retry_at,
+                      updated_at = :now
                WHERE id = :id AND owner = :owner AND state = 'running'""",
-            {"id": job_id, "owner": owner, "error": error},
+            {"id": job_id, "owner": owner, "error": error, "retry_at": time.time() + retry_after_seconds},
         )
 
     def supersede(self, job_id: int, owner: str, reason: str) -> bool:

@@ -14,10 +14,15 @@ decides what each kind of failure means:
   image cannot loop forever;
 * out of memory: retried once (another program may have held the memory),
   and failed for good with the reason if it runs out again;
+* an output that can never be written (a name over 255 bytes, a file inside
+  the export folder in the way of its folder): failed for good, with the
+  reason, before any GPU time;
 * the machine's fault (export folder unwritable, disk full): the job goes back
   to the queue *without* using an attempt, ``fixative status`` shows why, and
-  the worker pauses before claiming again, so the work resumes by itself once
-  the folder is fixed;
+  it waits out a pause that doubles while the fault lasts; the other jobs
+  pass it meanwhile. Met again with nothing delivered since, the fault is
+  everyone's, and the worker pauses too. The work resumes by itself once the
+  folder is fixed;
 * nobody's fault: the original changed since it was queued (a slow copy that
   paused longer than the settle time). The job is superseded, not failed; the
   watcher queues the new content once it settles.
@@ -49,11 +54,11 @@ from typing import Any
 
 import structlog
 
-from fixative.daemon.files import MachineError, SourceChanged, check_writable, read_queued
+from fixative.daemon.files import MachineError, SourceChanged, read_queued
 from fixative.daemon.liveness import engine_name, new_owner
 from fixative.daemon.model_cache import ModelCache, job_options
 from fixative.daemon.notify import notify
-from fixative.daemon.placement import archive, choose_output, export_folder, write_output
+from fixative.daemon.placement import archive, choose_output, write_output
 from fixative.daemon.pulse import Pulse
 from fixative.daemon.settings import EX_CONFIG, Settings
 from fixative.daemon.store import Job, JobStore, StoreUnavailable, open_store
@@ -168,7 +173,9 @@ class Worker:
         if self.machine_error is not None:
             # Once per claim, however many of its jobs met it: the folder is the same.
             log.warning("engine.machine_error", error=self.machine_error, pause_seconds=self.pause_seconds)
-            self.rest(self.pause_seconds, f"waiting {self.pause_seconds:.0f}s: {self.machine_error}")
+            if self.pause_seconds > self.settings.worker.retry_backoff_seconds:
+                # Met before, and no image delivered since (deliver() resets the pause): the machine's, not a job's.
+                self.rest(self.pause_seconds, f"waiting {self.pause_seconds:.0f}s: {self.machine_error}")
             self.pause_seconds = min(self.pause_seconds * 2, MAX_PAUSE_SECONDS)
 
     def groups(self, ready: list[_Ready]) -> list[list[_Ready]]:
@@ -245,7 +252,7 @@ class Worker:
             log.info("job.superseded", reason=str(error))
         elif isinstance(error, MachineError):
             # No "(will retry)" here: a queued job's error is shown as one that will be retried.
-            self.store.release(job.id, self.owner, error=str(error))
+            self.store.release(job.id, self.owner, error=str(error), retry_after_seconds=self.pause_seconds)
             self.machine_error = str(error)
         else:  # a bug or a library failure: retried, but only max_attempts times
             log.error("engine.unexpected_error", exc_info=error)
@@ -287,17 +294,16 @@ class Worker:
         data = read_queued(source, job.sha256, self.settings.inbox)  # decoded as read: nothing can be swapped in between
         options = job_options(self.settings, job)
         self.model = self.models.load(options)
-        check_writable(export_folder(self.settings, job))  # before minutes of GPU time, not after
+        # Before minutes of GPU time, not after: a folder to write in, and a name that can be written.
+        choose_output(self.store, self.settings, job, options.format)  # chosen for good after the protection (deliver)
         return _Ready(job, decode_image(data, str(source)), options)
 
     def deliver(self, ready: _Ready, protected: Any, *, batch: int, started: float) -> None:
         """Write a protected image (an ``fixative.engine.protect.Protected``), record it done, and archive its original."""
-        from fixative.engine.imaging import OUTPUT_FORMATS
-
         job = ready.job
         # Chosen now, one job at a time, not before the batch ran: two jobs of one
         # batch (a.png and a.jpg) must not both find "a.png" free.
-        output = choose_output(self.store, self.settings, job, OUTPUT_FORMATS[ready.options.format])
+        output = choose_output(self.store, self.settings, job, ready.options.format)
         output_sha256 = hashlib.sha256(protected.data).hexdigest()
         # Waiting out the job table, here and below: minutes of work must not be lost to a blip.
         if not until_written(lambda: self.store.plan_output(job.id, self.owner, output, output_sha256), None,

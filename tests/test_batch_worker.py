@@ -47,8 +47,9 @@ def test_an_engine_protects_same_size_same_settings_jobs_in_batches_and_each_fai
     7-10: 7, 8 (wide) and 10 share settings, 9 has others (its seed): 7 and 10 run
           as a batch of 2, 8 alone (another size), 9 alone (other settings).
     11-13: one batch's claim: 11 is no image, 12's export folder has a file in its
-           way; only those fail or wait (11 failed for good, 12 back in the queue
-           without using an attempt), and 13 is done.
+           way; only those fail, each for good with its own reason, before any
+           GPU time, and 13 is done. 12 is done once the file is moved and the
+           job retried.
     """
     daemon = Daemon(tmp_path, tiny_model, FIXATIVE_ENGINE__BATCH_SIZE="3")  # its config; `fixative engine` alone
     root, inbox, export, store = tmp_path, daemon.inbox, daemon.export, daemon.store
@@ -69,11 +70,13 @@ def test_an_engine_protects_same_size_same_settings_jobs_in_batches_and_each_fai
         engine = subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "engine"], env=daemon.env, cwd=REPO,
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: store.get(good).state == "done" and store.get(bad).state == "failed"
-                 and "cannot write in the export folder" in (store.get(blocked).error or ""), "the 13 jobs to end")
+        ids = [*same, *mixed, bad, blocked, good]
+        wait_for(lambda: all(store.get(job_id).state in ("done", "failed") for job_id in ids), "the 13 jobs to end")
         held_back = store.get(blocked)
-        assert (held_back.state, held_back.attempts) == ("queued", 0)
-        (export / "blocked").unlink()  # fixed: the engine resumes by itself, after its pause
+        assert (held_back.state, held_back.progress_step) == ("failed", None)
+        assert f"the file {export / 'blocked'} is in the way" in held_back.error
+        (export / "blocked").unlink()  # what its reason says: move the file, then retry
+        assert store.retry(blocked) == 1
         wait_for(lambda: store.get(blocked).state == "done", "the unblocked job")
         engine.send_signal(signal.SIGTERM)
         assert engine.wait(timeout=60) == 0

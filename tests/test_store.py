@@ -313,6 +313,17 @@ def test_a_dead_engines_job_is_released_with_its_attempt_counted(store: JobStore
     assert store.claim("new-engine", 60).id == job.id
 
 
+def test_a_job_released_with_a_delay_is_passed_by_the_others(store: JobStore, inbox: Path) -> None:
+    a = store.enqueue(drop(inbox, "a.png", b"a"), OPTIONS)
+    b = store.enqueue(drop(inbox, "b.png", b"b"), OPTIONS)
+    assert store.claim("engine", 60).id == a.id
+    assert store.release(a.id, "engine", error="cannot write in the export folder", retry_after_seconds=0.3)
+    assert store.claim("engine", 60).id == b.id
+    assert store.claim("engine", 60) is None
+    time.sleep(0.35)
+    assert (job := store.claim("engine", 60)).id == a.id and job.attempts == 1
+
+
 def test_counts_always_name_every_state(store: JobStore) -> None:
     assert store.counts() == dict.fromkeys(STATES, 0)
 

@@ -11,6 +11,7 @@ import ast
 import hashlib
 import os
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ import fixative.engine.protect
 from fixative.daemon.settings import Settings
 from fixative.daemon.status import build_report, render
 from fixative.daemon.store import JobStore, StoreUnavailable
-from fixative.daemon.files import write_atomically
+from fixative.daemon.files import remove_temp_files, temp_prefix, write_atomically
 from fixative.daemon.worker import Worker
 from fixative.engine.errors import BadImage, OutOfMemory
 from fixative.engine.protect import Protected
@@ -139,6 +140,9 @@ def test_unusable_export_folder_keeps_the_job_and_its_attempts(worker, store, se
     [line] = [line for line in render(build_report(settings)).splitlines() if "cannot write" in line]
     assert line.endswith("(will retry)") and line.count("(will retry)") == 1
 
+    assert job.not_before > job.updated_at + 29  # put back for a while: the other jobs pass it meanwhile
+    store.backend.execute("UPDATE jobs SET not_before = NULL", {})  # skip the pause
+
     settings.export_dir.unlink()  # the artist fixes it; the engine resumes by itself
     assert run_one(worker, store).state == "done"
 
@@ -241,6 +245,19 @@ def test_write_atomically_replaces_whole_files(tmp_path: Path) -> None:
     assert target.read_bytes() == b"second"
     assert oct(target.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+@pytest.mark.parametrize("name", ["x" * 251 + ".png", "é" * 125 + "x.png", "é" * 124 + "xy.png"])
+def test_write_atomically_writes_any_name_a_file_can_have(tmp_path: Path, name: str) -> None:
+    """Up to 255 bytes, multi-byte characters too; and what a killed write leaves of it is found again."""
+    target = tmp_path / name
+    write_atomically(target, b"protected")
+    assert target.read_bytes() == b"protected" and [p.name for p in tmp_path.iterdir()] == [name]
+    killed = tempfile.mkstemp(dir=tmp_path, prefix=temp_prefix(name), suffix=".tmp")[1]
+    neighbour = tmp_path / (name[:-5] + "z.png")  # the same long start: its temp files are not this name's
+    write_atomically(neighbour, b"other")
+    other = tempfile.mkstemp(dir=tmp_path, prefix=temp_prefix(neighbour.name), suffix=".tmp")[1]
+    assert remove_temp_files(target) == [Path(killed)] and Path(other).exists()
 
 
 def test_each_job_is_protected_with_the_settings_it_was_queued_with(worker, store, settings, protect, loads) -> None:
