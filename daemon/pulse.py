@@ -68,10 +68,22 @@ class Pulse(threading.Thread):
         """``job`` ended one way or another (done, failed, released...): its lease is no longer ours to renew."""
         self.held = {job_id: held for job_id, held in self.held.items() if job_id != job.id}
 
-    def start_group(self, jobs: list[Job]) -> None:
+    def waiting(self) -> list[Job]:
+        """The jobs held whose group has not started."""
+        running = {job.id for job in self.running}
+        return [job for job in self.held.values() if job.id not in running]
+
+    def start_group(self, jobs: list[Job]) -> bool:
+        """``jobs`` are being protected from now on; their progress (step 0) is recorded at once, not at the next beat.
+
+        From the main loop, before the first step: that progress is what tells
+        the group that was running from the waiting ones if the engine dies
+        during that step (``JobStore.release_owner``). True if the jobs are all still ours.
+        """
         self.running, self.step, self.total = jobs, None, None
         self.group_started = time.time()
         self.progressed(f"protecting {job_names(jobs)}")
+        return all([self.store.heartbeat(job.id, self.owner, self.lease, step=0) for job in jobs])
 
     def run(self) -> None:
         while not self.quit.is_set():

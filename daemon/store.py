@@ -14,6 +14,11 @@ wrong or right:
 * ``attempts`` counts claims, not failures, and is incremented at claim time, so
   an image that kills the engine outright still ends as "failed" after
   ``max_attempts`` instead of looping (goqite's receive limit, apalis's orphans).
+* A dead engine's attempt is counted only for the jobs it was protecting: the
+  jobs of a batch still waiting for their group's turn get theirs back
+  (:meth:`JobStore._requeue_dead`). A job that has used an attempt is claimed
+  alone from then on (:attr:`Job.retried`), so that an image that kills the
+  engine fails by itself instead of taking its batch-mates down with it.
 * Read-then-write runs in an exclusive write transaction (``_write(exclusive=True)``):
   what it read cannot change before it writes. Claims do not need one: they
   take rows with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so that claimers on
@@ -61,6 +66,7 @@ if TYPE_CHECKING:
 # What counts as a full state disk. SQLite needs a few pages per write; with
 # less than this left for this user (statvfs f_bavail), writes are failing or about to.
 FULL_BELOW_BYTES = 1 << 20
+LEASE_EXPIRED = "lease expired: the engine stopped while working on it"  # the error of a job queued again for it
 STATES = ("queued", "running", "done", "failed", "skipped", "superseded")
 
 
@@ -160,6 +166,11 @@ class Job:
     archived_to: str | None = None
     output_sha256: str | None = None
     engine: str | None = None  # the engine that claimed it last (processes.name)
+
+    @property
+    def retried(self) -> bool:
+        """A claimed job that used an attempt before (its engine died, or it failed): it is protected alone."""
+        return self.attempts > 1
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
@@ -383,13 +394,9 @@ class JobStore:
         skip_locked = self.backend.skip_locked
         with self._write():
             # The engine that held these stopped heartbeating: it was killed or
-            # the machine went down. Its attempt was counted when it claimed.
-            self._execute(
-                f"""UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, updated_at = :now,
-                           error = 'lease expired: the engine stopped while working on it'
-                    WHERE id IN (SELECT id FROM jobs WHERE state = 'running' AND lease_expires < :now{skip_locked})""",
-                params,
-            )
+            # the machine went down.
+            self._requeue_dead("state = 'running' AND lease_expires < :now",
+                               {**params, "error": LEASE_EXPIRED})
             # Out of attempts: fail with the last reason rather than try forever.
             self._execute(
                 f"""UPDATE jobs SET state = 'failed', finished_at = :now, updated_at = :now,
@@ -405,20 +412,21 @@ class JobStore:
         """Take up to ``limit`` more queued jobs with ``fingerprint`` for ``owner``, oldest first, each with its own lease.
 
         For an engine that protects several images as one batch (``[engine]
-        batch_size``) once :meth:`claim` gave it one: the same settings, so one
-        model and one set of options serve them all. It takes what is queued
-        now, possibly nothing: a batch is never waited for. Each job's attempt
+        batch_size``) once :meth:`claim` gave it one that is not :attr:`Job.retried`:
+        the same settings, so one model and one set of options serve them all.
+        It takes what is queued now, possibly nothing: a batch is never waited for. Each job's attempt
         is counted as in :meth:`claim`, and every rule of a lease applies to
         each alone (heartbeat, release, release_owner, expiry).
         """
         if limit < 1:
             return []
         now = time.time()
-        params = {"now": now, "owner": owner, "expires": now + lease_seconds, "max": self.max_attempts,
-                  "engine": engine, "fingerprint": fingerprint}
+        params = {"now": now, "owner": owner, "expires": now + lease_seconds, "engine": engine,
+                  "fingerprint": fingerprint}
         with self._write():
-            # attempts < max: a job whose last attempt failed since claim()'s sweep is left for the next sweep to fail.
-            return self._take("AND fingerprint = :fingerprint AND attempts < :max", limit, params)
+            # Only jobs that never used an attempt: one that did is claimed alone (Job.retried). That also
+            # leaves a job whose last attempt failed since claim()'s sweep for the next sweep to fail.
+            return self._take("AND fingerprint = :fingerprint AND attempts = 0", limit, params)
 
     def _take(self, where: str, limit: int, params: dict[str, Any]) -> list[Job]:
         """Lease the oldest ``limit`` queued jobs that are due and match ``where``; inside a write transaction."""
@@ -512,18 +520,40 @@ class JobStore:
             return self._supersede(job_id, reason, time.time())
 
     def release_owner(self, owner: str, reason: str) -> bool:
-        """Queue again the job ``owner`` held, now that its process is known to be dead; True if it held one.
+        """Queue again the jobs ``owner`` held, now that its process is known to be dead; True if it held any.
 
         ``fixative run`` calls this as soon as its engine child dies, instead of
-        letting the job look "running" for the rest of its lease. The attempt
-        stays counted, as for an expired lease: an image that kills the engine
-        must still end as failed after ``max_attempts``.
+        letting the jobs look "running" for the rest of their leases. The
+        attempts are counted as for an expired lease (:meth:`_requeue_dead`).
         """
-        return self._update(
-            """UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, progress_step = NULL,
-                      progress_total = NULL, error = :error, updated_at = :now
-               WHERE owner = :owner AND state = 'running'""",
-            {"owner": owner, "error": reason},
+        with self._write():
+            return self._requeue_dead("owner = :owner AND state = 'running'",
+                                      {"owner": owner, "error": reason, "now": time.time()}) > 0
+
+    def _requeue_dead(self, held: str, params: dict[str, Any]) -> int:
+        """Queue again the running jobs that ``held`` selects, whose engine is dead; inside a write transaction.
+
+        Their attempt stays counted (an image that kills the engine must end as
+        failed after ``max_attempts``), but only for what the engine was doing
+        when it died: the group being protected, whose progress the engine
+        recorded before its first step, or every job if no group had started
+        (one may have died decoding). The jobs of the batch still waiting for
+        their group's turn get theirs back. ``params``: ``now`` and ``error``.
+        """
+        skip_locked = self.backend.skip_locked
+        # Two statements: the second clears the progress that the first one reads.
+        self._execute(
+            f"""UPDATE jobs SET attempts = attempts - 1
+                WHERE id IN (SELECT id FROM jobs WHERE {held} AND progress_step IS NULL{skip_locked})
+                AND EXISTS (SELECT 1 FROM jobs AS protecting WHERE protecting.owner = jobs.owner
+                            AND protecting.state = 'running' AND protecting.progress_step IS NOT NULL)""",
+            params,
+        )
+        return self._execute(
+            f"""UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, progress_step = NULL,
+                       progress_total = NULL, error = :error, updated_at = :now
+                WHERE id IN (SELECT id FROM jobs WHERE {held}{skip_locked})""",
+            params,
         )
 
     def plan_output(self, job_id: int, owner: str, output_path: Path | str, output_sha256: str) -> bool:

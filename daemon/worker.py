@@ -36,7 +36,11 @@ batch), each under its own lease. Each original is read and decoded alone, and
 fails alone; the rest are grouped by ``fixative.engine.protect.batch_key`` (one
 working size) and each group is protected as one batch. Every policy above
 applies to each job alone, except that a group of several that runs out of
-memory is protected again one image at a time, without using an attempt.
+memory is protected again one image at a time, without using an attempt. A job
+that used an attempt before (``Job.retried``: its engine died, or it failed) is
+claimed alone, and each group records its start before its first step, so that
+a crash costs an attempt only to the group that was running
+(``JobStore.release_owner``).
 
 Importing this module does not import torch; :func:`run_worker` does, through
 the engine, which turns running out of memory into ``OutOfMemory``.
@@ -141,7 +145,7 @@ class Worker:
             self.rest(IDLE_POLL_SECONDS, "idle")
             return
         jobs = [job]
-        if self.settings.batch_size > 1 and job.fingerprint is not None:
+        if self.settings.batch_size > 1 and job.fingerprint is not None and not job.retried:
             jobs += self.store.claim_more(self.owner, lease, job.fingerprint, self.settings.batch_size - 1,
                                           engine=self.name)
         self.handle(jobs)
@@ -202,7 +206,8 @@ class Worker:
         if not group:
             return
         jobs = [each.job for each in group]
-        self.pulse.start_group(jobs)
+        # Before the first step: should this group kill the engine, it alone pays the attempt (JobStore.release_owner).
+        until_written(lambda: self.pulse.start_group(jobs), None, stop=self.stop, pause=self.wait_for_store)
         too_big: OutOfMemory | None = None
         try:
             with structlog.contextvars.bound_contextvars(job_ids=[job.id for job in jobs]):
@@ -260,8 +265,7 @@ class Worker:
 
     def release_waiting(self) -> None:
         """On a stop: give back at once every held job whose group has not started."""
-        running = {job.id for job in self.pulse.running}
-        for job in [job for job in self.pulse.held.values() if job.id not in running]:
+        for job in self.pulse.waiting():
             with _about(job):
                 self.settle(job, _Stop())
 

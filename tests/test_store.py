@@ -313,6 +313,38 @@ def test_a_dead_engines_job_is_released_with_its_attempt_counted(store: JobStore
     assert store.claim("new-engine", 60).id == job.id
 
 
+@pytest.mark.parametrize("found", ["released", "expired"])
+def test_a_dead_engines_batch_costs_an_attempt_only_to_the_group_it_was_protecting(store: JobStore, inbox: Path,
+                                                                                   found: str) -> None:
+    """Released by ``fixative run``, or found with an expired lease by the next claim, alike."""
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        store.enqueue(drop(inbox, name, name.encode()), OPTIONS)
+    lease = 300 if found == "released" else -1
+    first = store.claim("dead-engine", lease)
+    batch = [first, *store.claim_more("dead-engine", lease, first.fingerprint, 2)]
+    for job in batch[:2]:  # their group started; the third waits for its turn
+        assert store.heartbeat(job.id, "dead-engine", lease, step=0)
+    if found == "released":
+        assert store.release_owner("dead-engine", "the engine died while working on it (killed by SIGKILL)")
+    again = store.claim("engine", 60)
+    assert [store.get(job.id).attempts for job in batch] == [2, 1, 0]  # a, claimed again now; b; c
+    # a and b paid, and are claimed alone from now on; c and d can share a batch.
+    assert again.relative_path == "a.png" and again.retried
+    assert [job.relative_path for job in store.claim_more("engine", 60, OPTIONS.fingerprint(), 3)] == ["c.png", "d.png"]
+
+
+def test_a_dead_engines_jobs_all_pay_when_no_group_had_started(store: JobStore, inbox: Path) -> None:
+    """One of them may have killed it while it was read or decoded."""
+    for name in ("a.png", "b.png"):
+        store.enqueue(drop(inbox, name, name.encode()), OPTIONS)
+    first = store.claim("dead-engine", 300)
+    batch = [first, *store.claim_more("dead-engine", 300, first.fingerprint, 1)]
+    assert store.release_owner("dead-engine", "died")
+    assert [store.get(job.id).attempts for job in batch] == [1, 1]
+    again = store.claim("engine", 60)
+    assert again.retried and store.claim_more("engine", 60, again.fingerprint, 1) == []  # alone, as is b after it
+
+
 def test_a_job_released_with_a_delay_is_passed_by_the_others(store: JobStore, inbox: Path) -> None:
     a = store.enqueue(drop(inbox, "a.png", b"a"), OPTIONS)
     b = store.enqueue(drop(inbox, "b.png", b"b"), OPTIONS)
