@@ -66,7 +66,7 @@ from fixative.daemon.placement import archive, choose_output, write_output
 from fixative.daemon.pulse import Pulse
 from fixative.daemon.settings import EX_CONFIG, Settings
 from fixative.daemon.store import Job, JobStore, StoreUnavailable, open_store
-from fixative.daemon.store_wait import RETRY_SECONDS, until_written
+from fixative.daemon.store_wait import RETRY_SECONDS, until_answered, until_written
 from fixative.engine.errors import EngineError, OutOfMemory  # plain exceptions: no torch
 from fixative.engine.options import EngineOptions
 
@@ -299,17 +299,24 @@ class Worker:
         options = job_options(self.settings, job)
         self.model = self.models.load(options)
         # Before minutes of GPU time, not after: a folder to write in, and a name that can be written.
-        choose_output(self.store, self.settings, job, options.format)  # chosen for good after the protection (deliver)
+        self.output_for(job, options)  # chosen for good after the protection (deliver)
         return _Ready(job, decode_image(data, str(source)), options)
 
+    def output_for(self, job: Job, options: EngineOptions) -> Path:
+        """Where ``job``'s output goes now (``placement.choose_output``), waiting out the job table."""
+        return until_answered(lambda: choose_output(self.store, self.settings, job, options.format), stop=self.stop,
+                              pause=self.wait_for_store)
+
     def deliver(self, ready: _Ready, protected: Any, *, batch: int, started: float) -> None:
-        """Write a protected image (an ``fixative.engine.protect.Protected``), record it done, and archive its original."""
+        """Write a protected image (an ``fixative.engine.protect.Protected``), record it done, and archive its original.
+
+        Every call to the job table here waits it out: minutes of work must not be lost to a blip.
+        """
         job = ready.job
         # Chosen now, one job at a time, not before the batch ran: two jobs of one
         # batch (a.png and a.jpg) must not both find "a.png" free.
-        output = choose_output(self.store, self.settings, job, ready.options.format)
+        output = self.output_for(job, ready.options)
         output_sha256 = hashlib.sha256(protected.data).hexdigest()
-        # Waiting out the job table, here and below: minutes of work must not be lost to a blip.
         if not until_written(lambda: self.store.plan_output(job.id, self.owner, output, output_sha256), None,
                              stop=self.stop, pause=self.wait_for_store):
             self.pulse.lost.add(job.id)
@@ -328,7 +335,7 @@ class Worker:
         figures = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         log.info("job.done", **{**figures, "output": str(output), "job_seconds": round(time.monotonic() - started, 1)})
         if self.settings.after == "archive":
-            archive(self.store, self.settings, job)
+            until_answered(lambda: archive(self.store, self.settings, job), stop=self.stop, pause=self.wait_for_store)
 
     def on_progress(self, step: int, total: int, loss: float) -> None:
         """Called by the engine after every PGD step of the running group; raising here abandons the group."""

@@ -152,3 +152,36 @@ def test_an_engine_waits_out_a_database_restart_and_loses_nothing(shared, postgr
     log = (root / "a.log").read_text()
     assert "engine.store_resumed" in log and "Traceback" not in log, log[-3000:]
     assert sorted(done_ids(root, "a")) == sorted(job.id for job in store.jobs("done"))
+
+
+def test_a_database_away_when_a_protection_ends_is_waited_out_and_the_image_kept(shared, postgres_cluster) -> None:
+    """The server stops mid-protection and is still away when the protection ends, where the output's name is
+    chosen: the engine waits there, keeping its lease, and records the image on the same attempt once it is back."""
+    root, store = shared
+    engine = start_engine(root, "a")
+    try:
+        wait_for(lambda: "engine.ready" in (root / "a.log").read_text(), "the engine to load")
+        options = load_settings(root / "config.toml").engine.model_copy(update={"steps": 300})
+        job = store.enqueue(root / "inbox" / "0.png", options, inbox=root / "inbox")
+        wait_for(lambda: store.get(job.id).progress_step, "the protection to be under way")
+        postgres_cluster.stop()
+        wait_for(lambda: _idle(engine.pid), "the protection to end while the server is away")
+        postgres_cluster.start()
+        wait_for(lambda: store.get(job.id).state == "done", "the image to be recorded")
+    finally:
+        stop(engine)
+    assert store.get(job.id).attempts == 1  # not protected a second time
+    assert done_ids(root, "a") == [job.id]
+    assert sorted(p.name for p in (root / "export").iterdir()) == ["0.png"]
+
+
+def _idle(pid: int, seconds: float = 2.0) -> bool:
+    """Whether process ``pid`` used next to no CPU for ``seconds``: its protection is over."""
+    def used() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    before = used()
+    time.sleep(seconds)
+    return used() - before < 0.1 * seconds
+
