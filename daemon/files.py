@@ -37,6 +37,15 @@ class SourceChanged(Exception):
     """The original no longer holds the content that was queued: the job is stale, not failed."""
 
 
+class SourceGone(BadImage):
+    """The original is no longer at its path: moved or deleted after it was queued.
+
+    A rename inside the inbox leaves a copy of its content under the new name,
+    which the job hands over to (``JobStore.hand_over``); anywhere else it is a
+    bad image like any other that cannot be read.
+    """
+
+
 class UnwritableName(EngineError):
     """No name for the output can exist in its folder: longer than :data:`NAME_MAX`. Retrying cannot help."""
 
@@ -76,7 +85,7 @@ def read_source(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise BadImage(f"{path} is gone: it was moved or deleted after it was queued") from None
+        raise SourceGone(f"{path} is gone: it was moved or deleted after it was queued") from None
     except OSError as error:
         if error.errno != errno.ELOOP:
             raise

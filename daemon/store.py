@@ -34,6 +34,8 @@ wrong or right:
 * A path has one current job: queuing new content or new settings for a path
   marks its older unfinished or failed jobs "superseded". They are history,
   not failures, so ``fixative status`` and ``retry --failed`` leave them alone.
+  A job whose original is gone (renamed in the inbox) is superseded by its
+  copy under the new name, which was recorded as skipped.
 
 Timestamps are unix seconds (floats) everywhere, leases included, on both
 backends: every rule reads the same. With several machines their clocks must
@@ -337,9 +339,9 @@ class JobStore:
             {"id": job_id, "reason": reason, "now": now},
         ):
             return False
-        heir = self._rows("SELECT id FROM jobs WHERE duplicate_of = :id ORDER BY id LIMIT 1", {"id": job_id})
-        if heir:
-            params = {"id": job_id, "heir": heir[0]["id"], "now": now}
+        heir = self._heir(job_id)
+        if heir is not None:
+            params = {"id": job_id, "heir": heir.id, "now": now}
             # In this order: the retired job leaves the one-per-content index before the heir joins it.
             self._execute("UPDATE jobs SET duplicate_of = :heir WHERE duplicate_of = :id OR id = :id", params)
             self._execute(
@@ -349,6 +351,15 @@ class JobStore:
                 params,
             )
         return True
+
+    def _heir(self, job_id: int) -> Job | None:
+        """The copy that takes a retired job over: the first path recorded as a skipped copy of its content.
+
+        Skipped only: the jobs an heir took over point at it as well (``_supersede``),
+        and one of those taking it back would pass the job to and fro forever.
+        """
+        return self._job("SELECT * FROM jobs WHERE duplicate_of = :id AND state = 'skipped' ORDER BY id LIMIT 1",
+                         {"id": job_id})
 
     def record_refusal(self, path: Path, reason: str) -> Job:
         """Record a path the watcher will not touch (symlink, FIFO, outside the inbox).
@@ -514,10 +525,27 @@ class JobStore:
         The watcher queues the new content once it settles, and that job is the current one.
         """
         with self._write(exclusive=True):
-            if not self._rows("SELECT 1 FROM jobs WHERE id = :id AND owner = :owner AND state = 'running'",
-                              {"id": job_id, "owner": owner}):
-                return False
-            return self._supersede(job_id, reason, time.time())
+            return self._holds(job_id, owner) and self._supersede(job_id, reason, time.time())
+
+    def hand_over(self, job_id: int, owner: str, reason: str) -> Job | None:
+        """Retire a claimed job whose original is gone, for a copy of it under another name; that copy, queued now.
+
+        ``mv a.png b.png`` in the inbox before a.png's job ran: the watcher
+        recorded b.png as a skipped copy of the job, and b.png is the file
+        left to protect. None when the job has no copy (or is no longer ours).
+        ``reason``: why the original is gone.
+        """
+        with self._write(exclusive=True):
+            heir = self._heir(job_id)
+            if heir is None or not self._holds(job_id, owner):
+                return None
+            self._supersede(job_id, f"{reason}; its copy {heir.relative_path} (job #{heir.id}) is protected instead",
+                            time.time())
+            return self.get(heir.id)
+
+    def _holds(self, job_id: int, owner: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM jobs WHERE id = :id AND owner = :owner AND state = 'running'",
+                               {"id": job_id, "owner": owner}))
 
     def release_owner(self, owner: str, reason: str) -> bool:
         """Queue again the jobs ``owner`` held, now that its process is known to be dead; True if it held any.

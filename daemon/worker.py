@@ -25,7 +25,9 @@ decides what each kind of failure means:
   folder is fixed;
 * nobody's fault: the original changed since it was queued (a slow copy that
   paused longer than the settle time). The job is superseded, not failed; the
-  watcher queues the new content once it settles.
+  watcher queues the new content once it settles. An original that is gone
+  hands its job over to a copy under another name (a rename in the inbox), and
+  fails without one.
 
 Each job is protected with the options stored on its row when it was queued,
 not with the config file as it reads now: the row's fingerprint must describe its output.
@@ -58,7 +60,7 @@ from typing import Any
 
 import structlog
 
-from fixative.daemon.files import MachineError, SourceChanged, read_queued
+from fixative.daemon.files import MachineError, SourceChanged, SourceGone, read_queued
 from fixative.daemon.liveness import engine_name, new_owner
 from fixative.daemon.model_cache import ModelCache, job_options
 from fixative.daemon.notify import notify
@@ -247,6 +249,8 @@ class Worker:
             else:
                 self.store.release(job.id, self.owner)
                 log.info("engine.job_released", reason="stopping")
+        elif isinstance(error, SourceGone):
+            self.gone(job, error)
         elif isinstance(error, OutOfMemory):
             # Once more at most: a 100-megapixel image that runs out every time must not block the queue max_attempts times.
             self.failed(job, str(error), permanent=job.attempts > 1)
@@ -262,6 +266,14 @@ class Worker:
         else:  # a bug or a library failure: retried, but only max_attempts times
             log.error("engine.unexpected_error", exc_info=error)
             self.failed(job, f"{type(error).__name__}: {error}", permanent=False)
+
+    def gone(self, job: Job, error: SourceGone) -> None:
+        """The original was moved or deleted since it was queued: its copy under another name takes the job, if any."""
+        heir = self.store.hand_over(job.id, self.owner, str(error))
+        if heir is None:
+            self.failed(job, str(error), permanent=True)
+        else:
+            log.info("job.handed_over", reason=str(error), to_job_id=heir.id, to_path=heir.relative_path)
 
     def release_waiting(self) -> None:
         """On a stop: give back at once every held job whose group has not started."""

@@ -356,6 +356,39 @@ def test_a_job_released_with_a_delay_is_passed_by_the_others(store: JobStore, in
     assert (job := store.claim("engine", 60)).id == a.id and job.attempts == 1
 
 
+def test_a_job_whose_original_is_gone_hands_over_to_its_copy(store: JobStore, inbox: Path) -> None:
+    a = store.enqueue(drop(inbox, "a.png", b"same"), OPTIONS)
+    b = store.enqueue(drop(inbox, "b.png", b"same"), OPTIONS)
+    lone = store.enqueue(drop(inbox, "c.png", b"other"), OPTIONS)
+    assert (b.state, b.duplicate_of) == ("skipped", a.id)
+    assert store.claim("engine", 60).id == a.id
+    assert store.hand_over(a.id, "another-engine", "a.png is gone") is None  # not its job
+    heir = store.hand_over(a.id, "engine", "a.png is gone")
+    assert (heir.id, heir.state, heir.duplicate_of) == (b.id, "queued", None)
+    retired = store.get(a.id)
+    assert retired.state == "superseded" and retired.error == "a.png is gone; its copy b.png (job #2) is protected instead"
+    assert store.claim("engine", 60).id == b.id
+    assert store.claim("engine", 60).id == lone.id
+    assert store.hand_over(lone.id, "engine", "c.png is gone") is None  # no copy: the engine fails it
+    assert store.get(lone.id).state == "running"
+
+
+def test_a_file_renamed_twice_before_it_is_protected_reaches_its_last_name(store: JobStore, inbox: Path) -> None:
+    """``mv a.png b.png; mv b.png c.png``: a.png's job passes to b.png, which is gone too, and on to c.png."""
+    a = store.enqueue(drop(inbox, "a.png", b"same"), OPTIONS)
+    (inbox / "a.png").rename(inbox / "b.png")
+    b = store.enqueue(inbox / "b.png", OPTIONS)
+    (inbox / "b.png").rename(inbox / "c.png")
+    c = store.enqueue(inbox / "c.png", OPTIONS)
+    assert (b.duplicate_of, c.duplicate_of) == (a.id, a.id)
+    assert store.claim("engine", 60).id == a.id
+    assert store.hand_over(a.id, "engine", "a.png is gone").id == b.id
+    assert store.claim("engine", 60).id == b.id
+    assert store.hand_over(b.id, "engine", "b.png is gone").id == c.id  # not back to a.png's job
+    assert store.claim("engine", 60).id == c.id
+    assert [store.get(job.id).state for job in (a, b, c)] == ["superseded", "superseded", "running"]
+
+
 def test_counts_always_name_every_state(store: JobStore) -> None:
     assert store.counts() == dict.fromkeys(STATES, 0)
 
