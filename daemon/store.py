@@ -68,6 +68,9 @@ if TYPE_CHECKING:
 # What counts as a full state disk. SQLite needs a few pages per write; with
 # less than this left for this user (statvfs f_bavail), writes are failing or about to.
 FULL_BELOW_BYTES = 1 << 20
+# Leases compare expiry times written by one machine's clock with another's;
+# a skew of a few seconds is harmless against a lease of minutes.
+CLOCK_SKEW_WARN_SECONDS = 5.0
 LEASE_EXPIRED = "lease expired: the engine stopped while working on it"  # the error of a job queued again for it
 STATES = ("queued", "running", "done", "failed", "skipped", "superseded")
 
@@ -104,6 +107,7 @@ class Backend(Protocol):
     def rows(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]: ...
     def execute(self, sql: str, params: dict[str, Any]) -> int: ...
     def schema_version(self) -> int: ...  # brought up to date when the backend first connects
+    def server_time(self) -> float | None: ...  # the database server's clock; None: the table is on this machine
     def close(self) -> None: ...
 
 
@@ -135,6 +139,15 @@ def free_bytes(state_dir: Path) -> int:
     while not folder.exists():  # not created yet: the disk it will be on
         folder = folder.parent
     return shutil.disk_usage(folder).free
+
+
+def skew_problem(skew: float | None) -> str | None:
+    """What a clock ``skew`` (:meth:`JobStore.clock_skew`) means for the leases, for people; None if nothing."""
+    if skew is None or abs(skew) < CLOCK_SKEW_WARN_SECONDS:
+        return None
+    return (f"this machine's clock is {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} the database "
+            "server's; leases are expiry times, so every machine's clock must agree "
+            "(enable NTP: timedatectl set-ntp true)")
 
 
 def looks_full(settings: Settings) -> bool:
@@ -610,6 +623,12 @@ class JobStore:
             {"output": str(output_path), "id": job_id},
         )
         return [Job.from_row(r) for r in rows]
+
+    def clock_skew(self) -> float | None:
+        """How far the database server's clock is ahead of this machine's, in seconds; None: the table is local."""
+        before = time.time()
+        server = self.backend.server_time()
+        return None if server is None else server - (before + time.time()) / 2
 
     def record_archive(self, job_id: int, archived_to: Path | str | None) -> None:
         """Record where the original was moved (None: the move failed after all)."""

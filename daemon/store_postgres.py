@@ -225,6 +225,9 @@ class PostgreSQLBackend:
     def schema_version(self) -> int:
         return self.rows("SELECT COALESCE(MAX(version), 0) AS version FROM fixative_schema", {})[0]["version"]
 
+    def server_time(self) -> float:
+        return float(self.rows("SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS now", {})[0]["now"])
+
 
 def _migrate(conn: Any) -> None:
     with conn.transaction():

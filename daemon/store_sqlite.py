@@ -198,6 +198,9 @@ class SQLiteBackend:
         with self._lock:
             return self.db.execute("PRAGMA user_version").fetchone()[0]
 
+    def server_time(self) -> None:
+        return None  # the file is on this machine: its clock is the engine's
+
 
 def _disk_full(error: BaseException) -> bool:
     # SQLITE_FULL; sqlite_errorcode exists from Python 3.11, the message in every version.

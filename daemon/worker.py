@@ -113,6 +113,7 @@ class Worker:
         self.pulse.start()
         last_words = "stopped"
         try:
+            self.pulse.check_clock()
             try:
                 self.model = self.models.load(self.settings.engine)
             except EngineError as error:

@@ -389,6 +389,14 @@ def test_a_file_renamed_twice_before_it_is_protected_reaches_its_last_name(store
     assert [store.get(job.id).state for job in (a, b, c)] == ["superseded", "superseded", "running"]
 
 
+def test_the_clock_skew_is_measured_against_a_postgresql_server(store: JobStore) -> None:
+    skew = store.clock_skew()
+    if isinstance(store.location, Path):
+        assert skew is None  # SQLite: the table is on this machine
+    else:
+        assert abs(skew) < 1  # the test server runs on this machine's clock
+
+
 def test_counts_always_name_every_state(store: JobStore) -> None:
     assert store.counts() == dict.fromkeys(STATES, 0)
 
