@@ -23,6 +23,7 @@ from typing import Any
 from fixative.daemon.settings import ConfigError, Settings
 from fixative.daemon.store import (CLOCK_SKEW_WARN_SECONDS, JobStore, StoreUnavailable, describe_store, open_store,
                                    skew_problem, store_exists)
+from fixative.daemon.text import printable
 
 OK, WARN, FAIL = "ok", "WARN", "FAIL"
 INOTIFY_SYSCTL = "fs.inotify.max_user_watches"
@@ -282,4 +283,5 @@ def _inbox_check(store: JobStore, inbox: Path) -> tuple[str, str]:
 
 
 def render(results: list[tuple[str, str]]) -> str:
-    return "\n".join(f"{level:<4}  {line}" for level, line in results)
+    # Escaped: the inbox check names queued images, and the marker check paths other machines recorded.
+    return "\n".join(f"{level:<4}  {printable(line)}" for level, line in results)

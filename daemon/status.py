@@ -18,6 +18,7 @@ from typing import Any
 
 from fixative.daemon.liveness import engine_labels, engine_name, is_alive, is_stalled, watcher_name
 from fixative.daemon.settings import Settings
+from fixative.daemon.text import printable
 from fixative.daemon.store import (STATES, Job, StoreUnavailable, describe_store, free_bytes, looks_full, open_store,
                                    store_exists)
 
@@ -162,7 +163,7 @@ def render(report: dict[str, Any]) -> str:
             pid = f" (pid {engine['pid']})" if engine["pid"] else ""
             day = engine["throughput_24h"]
             mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""
-            lines.append(f"  {printable(title)}{pid} {_process(engine)} · last 24h: {day['done']} done{mean}")
+            lines.append(f"  {title}{pid} {_process(engine)} · last 24h: {day['done']} done{mean}")
             lines += [f"    {_now(running)}" for running in engine["batch"]]
     lines.append(" · ".join(f"{state} {report['counts'][state]}" for state in STATES))
     if report["running"] and len(engines) == 1:
@@ -173,33 +174,25 @@ def render(report: dict[str, Any]) -> str:
     if report["latest_done"]:
         lines.append("latest done:")
         for done in report["latest_done"][:3]:
-            lines.append(f"  #{done['id']} {printable(done['output'])}{_figures(done['metrics'])}")
-            lines += [f"    warning: {printable(warning)}" for warning in done["metrics"].get("warnings", [])]
+            lines.append(f"  #{done['id']} {done['output']}{_figures(done['metrics'])}")
+            lines += [f"    warning: {warning}" for warning in done["metrics"].get("warnings", [])]
         survives = _survival(report["latest_done"][0]["metrics"])
         if survives:
             lines.append(f"  #{report['latest_done'][0]['id']} survives: {survives}")
     if report["failures"]:
         lines.append("latest failures (fixative retry ID | --failed):")
-        lines += [f"  #{f['id']} {printable(f['path'])}: {printable(f['error'])}"
+        lines += [f"  #{f['id']} {f['path']}: {f['error']}"
                   f"{' (will retry)' if f['state'] == 'queued' else ''}"
                   for f in report["failures"]]
-    return "\n".join(lines)
+    # Every line escaped here, once: a file name or an engine's status can be anywhere in them.
+    return "\n".join(printable(line) for line in lines)
 
 
 def _now(running: dict[str, Any]) -> str:
     progress = f"{running['step']}/{running['total']} ({running['percent']}%)" if running["total"] else "starting"
     speed = f" · {running['seconds_per_step']:.1f} s/step" if running["seconds_per_step"] else ""
     eta = f" · ETA {_duration(running['eta_seconds'])}" if running["eta_seconds"] is not None else ""
-    return f"now: {printable(running['relative_path'])} {progress}{speed}{eta} (attempt {running['attempt']})"
-
-
-def printable(text: str | None) -> str:
-    """``text`` on one terminal line: control characters escaped.
-
-    A file name may hold a newline (or an escape sequence), and printed raw it
-    would split a job across lines or repaint the terminal.
-    """
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text or "")
+    return f"now: {running['relative_path']} {progress}{speed}{eta} (attempt {running['attempt']})"
 
 
 def _figures(metrics: dict[str, Any]) -> str:

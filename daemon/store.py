@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fixative.daemon.files import file_sha256
+from fixative.daemon.text import printable
 from fixative.engine.options import EngineOptions
 
 if TYPE_CHECKING:
@@ -660,7 +661,8 @@ class JobStore:
 
         ``progress_at``: when its main loop last moved, if that is not now (the
         engine beats from a side thread, so it passes its last step's time).
-        ``device``: an engine's device.
+        ``device``: an engine's device. ``status`` is recorded escaped (``fixative.daemon.text``):
+        it names files and folders, and status and systemd's STATUS show it as it is.
         """
         now = time.time()
         with self._write():
@@ -670,7 +672,7 @@ class JobStore:
                    ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, status = excluded.status,
                           beat_at = excluded.beat_at, progress_at = excluded.progress_at,
                           host = excluded.host, device = excluded.device""",
-                {"name": process, "pid": os.getpid(), "status": status, "now": now,
+                {"name": process, "pid": os.getpid(), "status": printable(status), "now": now,
                  "progress_at": now if progress_at is None else progress_at,
                  "host": socket.gethostname(), "device": device},
             )
