@@ -88,6 +88,13 @@ class StoreUnavailable(Exception):
     remedy = "try again once it answers (the daemon waits for it by itself)"
 
 
+class StoreRefused(StoreUnavailable):
+    """The PostgreSQL job table answers, but refuses what the store asks (a role without the rights it needs)."""
+
+    remedy = ("fix what it says, such as the role's rights on the database (see the README's PostgreSQL steps); "
+              "the daemon tries again by itself meanwhile")
+
+
 class StateDiskFull(StoreUnavailable):
     """The SQLite job table cannot be written: the state folder's disk (or quota) is full."""
 
