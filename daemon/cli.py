@@ -184,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from fixative.daemon.liveness import daemon_id
     from fixative.daemon.status import EXIT_DAEMON_DOWN, build_report, render
 
     settings = _settings(args)
@@ -196,7 +197,7 @@ def _status(args: argparse.Namespace) -> int:
             else:
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[J", end="")  # redraw in place
-                print(render(report), flush=True)
+                print(render(report, daemon_id(settings)), flush=True)
             code = 0 if report["up"] else EXIT_DAEMON_DOWN
             if not args.watch:
                 return code

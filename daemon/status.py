@@ -16,7 +16,8 @@ import socket
 import time
 from typing import Any
 
-from fixative.daemon.liveness import engine_labels, engine_name, is_alive, is_stalled, watcher_name
+from fixative.daemon.liveness import (daemon_id, engine_labels, engine_name, host_suffix, is_alive, is_stalled,
+                                      watcher_name)
 from fixative.daemon.settings import Settings
 from fixative.daemon.text import printable
 from fixative.daemon.store import (STATES, Job, StoreUnavailable, describe_store, free_bytes, looks_full, open_store,
@@ -26,13 +27,13 @@ from fixative.daemon.store import (STATES, Job, StoreUnavailable, describe_store
 EXIT_DAEMON_DOWN = 3
 
 
-def _watcher(beats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """This machine's watcher; on a machine that runs none (engines only, on a shared table), the one that beat last.
+def _watcher(beats: dict[str, dict[str, Any]], daemon: str) -> dict[str, Any] | None:
+    """This daemon's watcher; on a machine that runs none (engines only, on a shared table), the one that beat last.
 
     "watcher" alone is the row of a watcher from before rows were named by host.
     """
-    if watcher_name() in beats:
-        return beats[watcher_name()]
+    if watcher_name(daemon) in beats:
+        return beats[watcher_name(daemon)]
     others = [beat for name, beat in beats.items() if name == "watcher" or name.startswith("watcher@")]
     return max(others, key=lambda beat: beat["beat_at"], default=None)
 
@@ -45,7 +46,9 @@ def _never_started(**extra: Any) -> dict[str, Any]:
 def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) -> dict[str, Any]:
     """The ``status --json`` object. Creates nothing when the daemon has never run."""
     now = time.time()
-    configured = {engine_name(label): device for label, device in zip(engine_labels(settings.devices), settings.devices)}
+    daemon = daemon_id(settings)
+    configured = {engine_name(label, daemon): device
+                  for label, device in zip(engine_labels(settings.devices), settings.devices)}
     report: dict[str, Any] = {
         "up": False,
         # Why it is not up, when that is not a dead process: the daemon waits out a full
@@ -73,7 +76,7 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
         except StoreUnavailable as error:  # a PostgreSQL job table that is away: nothing else can be read
             report["waiting"] = f"{error}; {error.remedy}"
             return report
-        if (watcher := _watcher(beats)) is not None:
+        if (watcher := _watcher(beats, daemon)) is not None:
             report["processes"]["watcher"] = watcher
         running = store.running_jobs()
         report["engines"] = _engines(report["engines"], beats, running, store.throughput_by_engine(24), now)
@@ -142,11 +145,12 @@ def _running(job: Job, now: float) -> dict[str, Any]:
     }
 
 
-def render(report: dict[str, Any]) -> str:
-    """The report for a person at a terminal.
+def render(report: dict[str, Any], daemon: str = "") -> str:
+    """The report for a person at a terminal; ``daemon``: this daemon's id (:func:`fixative.daemon.liveness.daemon_id`).
 
     One engine reads as it always did (``engine alive``, then a ``now:`` line);
-    several get a line each, with their pid, job and last 24 hours.
+    several get a line each, with their pid, job and last 24 hours. This
+    daemon's own engines are named by their label alone; any other's in full.
     """
     engines = report["engines"]
     working = sum(e["alive"] and not e["stalled"] for e in engines)
@@ -159,7 +163,7 @@ def render(report: dict[str, Any]) -> str:
     else:
         lines = [f"fixative is {verdict}: {watcher}, {len(engines)} engines"]
         for engine in engines:
-            title = engine["name"].removesuffix(f"@{socket.gethostname()}")
+            title = engine["name"].removesuffix(host_suffix(daemon))
             pid = f" (pid {engine['pid']})" if engine["pid"] else ""
             day = engine["throughput_24h"]
             mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""

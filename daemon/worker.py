@@ -61,7 +61,7 @@ from typing import Any
 import structlog
 
 from fixative.daemon.files import MachineError, SourceChanged, SourceGone, read_queued
-from fixative.daemon.liveness import engine_name, new_owner
+from fixative.daemon.liveness import daemon_id, engine_name, new_owner
 from fixative.daemon.model_cache import ModelCache, job_options
 from fixative.daemon.notify import notify
 from fixative.daemon.placement import archive, choose_output, write_output
@@ -100,7 +100,7 @@ class Worker:
         self.settings, self.store, self.stop = settings, store, stop
         # `fixative run` chooses the owner, so that it can release this engine's job the moment it sees it die.
         self.owner = owner or new_owner()
-        self.name = engine_name(label or settings.engine.device)
+        self.name = engine_name(label or settings.engine.device, daemon_id(settings))
         self.pulse = Pulse(store, settings, self.owner, self.name)
         self.pause_seconds = settings.worker.retry_backoff_seconds
         self.machine_error: str | None = None  # the last one met by the jobs of this claim: pause after them
