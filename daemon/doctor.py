@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fixative.daemon.files import write_atomically
 from fixative.daemon.settings import ConfigError, Settings
 from fixative.daemon.store import (CLOCK_SKEW_WARN_SECONDS, JobStore, StoreUnavailable, describe_store, open_store,
                                    skew_problem, store_exists)
@@ -232,7 +233,9 @@ def _marker_check(store: JobStore, key: str, folder: Path) -> tuple[str, str]:
     marker, token = folder / f"{MARKER_PREFIX}{machine}", uuid.uuid4().hex
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(token)
+        # A new file renamed into place, as outputs are: anyone who can write to the
+        # shared folder could have planted a symlink here, and it must not be written through.
+        write_atomically(marker, token.encode())
     except OSError as error:
         return FAIL, f"{key}: cannot write the shared-folder marker {marker} ({error.strerror})"
     with store.backend.write():

@@ -156,6 +156,8 @@ def write_atomically(path: Path, data: bytes) -> None:
     A temp file in the same folder (so the rename cannot cross file systems),
     fsync, rename over, then fsync the folder so the rename itself is on disk.
     The temp name is hidden, so sync clients watching the export folder skip it.
+    The temp file is created new (O_EXCL, O_NOFOLLOW) and renamed over ``path``,
+    so a symlink at ``path`` is replaced, never written through.
     """
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:

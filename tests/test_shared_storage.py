@@ -61,6 +61,22 @@ def test_machines_that_share_the_export_folder_see_each_others_markers(tmp_path,
     assert level == FAIL and "a's marker" in line and "not visible here" in line
 
 
+def test_the_doctor_never_writes_through_a_symlink_planted_as_its_marker(tmp_path, postgres_url, monkeypatch) -> None:
+    """Anyone who can write to the shared folder could point the marker at a file this machine's user owns."""
+    machine(monkeypatch, "a")
+    victim = tmp_path / "notes.txt"
+    victim.write_text("the artist's own file")
+    (tmp_path / "export").mkdir()
+    marker = tmp_path / "export" / ".fixative-shared-a"
+    marker.symlink_to(victim)
+    level, line = checks(settings(tmp_path, postgres_url))["export_dir"]
+    assert level == WARN and "no other machine" in line
+    assert victim.read_text() == "the artist's own file"
+    assert not marker.is_symlink() and marker.is_file()  # its own marker, in the link's place
+    machine(monkeypatch, "b")
+    assert checks(settings(tmp_path, postgres_url))["export_dir"] == (OK, "export_dir: the same folder as on a")
+
+
 def test_the_inbox_is_checked_through_the_queued_images_without_writing_there(tmp_path, postgres_url) -> None:
     config = settings(tmp_path, postgres_url)
     (tmp_path / "inbox").mkdir()
