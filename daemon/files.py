@@ -1,5 +1,11 @@
 """Safe file I/O for originals and protected copies: read once, write atomically, never follow a swap.
 
+And the modes of what fixative writes. Outputs are created as any program
+creates a file (the umask, or the folder's default ACL), since they are meant
+to be shared as the artist shares the rest of that folder; the state folder
+and the job table, which hold every file name and error, are kept to their
+owner whatever the umask.
+
 No logging and no third-party imports: the job table imports this module, and
 ``fixative --help`` must stay light (tests/test_cli_commands.py).
 
@@ -15,17 +21,21 @@ import errno
 import glob
 import hashlib
 import os
+import secrets
 import stat
 import tempfile
 from pathlib import Path
 
 from fixative.engine.errors import BadImage, EngineError  # plain exceptions: no torch
 
-OUTPUT_MODE = 0o644  # mkstemp makes files 0600; protected copies are meant to be shared
+PRIVATE_FOLDER_MODE, PRIVATE_FILE_MODE = 0o700, 0o600
+# What a new file asks for, as open() does for any program: the umask, or the
+# folder's default ACL where it has one, takes away what the folder's owner wants.
+NEW_FILE_MODE = 0o666
 # The longest file name, in bytes, on the file systems outputs land on (ext4, XFS,
 # Btrfs, APFS, NTFS and the NAS protocols all allow 255).
 NAME_MAX = 255
-# What mkstemp adds to a prefix: 8 random characters, then the ".tmp" suffix.
+# What a temp name adds to its prefix: 8 random hex digits, then ".tmp".
 _TEMP_ADDED = 8 + len(".tmp")
 
 
@@ -159,13 +169,12 @@ def write_atomically(path: Path, data: bytes) -> None:
     The temp file is created new (O_EXCL, O_NOFOLLOW) and renamed over ``path``,
     so a symlink at ``path`` is replaced, never written through.
     """
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+    fd, temp = _new_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(temp, OUTPUT_MODE)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -192,3 +201,38 @@ def temp_prefix(name: str) -> str:
     room = NAME_MAX - _TEMP_ADDED - len(f".~{digest}.")
     start = os.fsencode(name)[:room].decode("utf-8", "ignore")  # never half a character
     return f".{start}~{digest}."
+
+
+def _new_temp_file(path: Path) -> tuple[int, Path]:
+    """A new hidden file beside ``path`` (``.NAME.RANDOM.tmp``: :func:`temp_prefix`), open for writing, with the mode
+    a new file gets there.
+
+    Not mkstemp, which asks for 0600 and so leaves a folder's default ACL
+    nothing to give. Created new (O_EXCL), never through a symlink (O_NOFOLLOW).
+    """
+    while True:
+        temp = path.parent / f"{temp_prefix(path.name)}{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, NEW_FILE_MODE), temp
+        except FileExistsError:  # another writer's temp file, by a one in four billion chance
+            continue
+
+
+def make_private_folder(folder: Path) -> None:
+    """``folder``, created if missing (its parents as usual), made readable by its owner alone, whatever it was before."""
+    folder.mkdir(mode=PRIVATE_FOLDER_MODE, parents=True, exist_ok=True)
+    _chmod(folder, PRIVATE_FOLDER_MODE)
+
+
+def make_private_file(path: Path, *, create: bool = True) -> None:
+    """``path`` made readable by its owner alone; ``create``: if missing, created empty with that mode from the start."""
+    if create:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE))
+    _chmod(path, PRIVATE_FILE_MODE)
+
+
+def _chmod(path: Path, mode: int) -> None:
+    # Not worth stopping for: a file system that keeps no modes (a CIFS share)
+    # refuses, as does another user's file, and a missing file has nothing to hide.
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode)

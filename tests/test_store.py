@@ -10,8 +10,10 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 from importlib import import_module
+import os
 import re
 import socket
+import stat
 import time
 import tomllib
 from pathlib import Path
@@ -514,3 +516,15 @@ def test_the_sqlite_utils_floor_is_a_version_the_store_works_with() -> None:
     floor = next(re.fullmatch(r"sqlite-utils>=(\d+)\.(\d+).*", d) for d in pyproject["project"]["dependencies"]
                  if d.startswith("sqlite-utils"))
     assert floor is not None and int(floor.group(1)) >= 4
+
+
+def test_a_job_table_from_before_is_made_private_when_opened(tmp_path: Path) -> None:
+    """A table an earlier fixative made under umask 022: 0644 in a 0755 folder, until it is next opened."""
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    store.beat("watcher")
+    store.close()
+    os.chmod(tmp_path / "state", 0o755)
+    os.chmod(tmp_path / "state" / "jobs.db", 0o644)
+    JobStore(tmp_path / "state" / "jobs.db").close()
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "state" / "jobs.db").stat().st_mode) == 0o600

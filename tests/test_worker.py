@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -258,6 +260,34 @@ def test_write_atomically_writes_any_name_a_file_can_have(tmp_path: Path, name: 
     write_atomically(neighbour, b"other")
     other = tempfile.mkstemp(dir=tmp_path, prefix=temp_prefix(neighbour.name), suffix=".tmp")[1]
     assert remove_temp_files(target) == [Path(killed)] and Path(other).exists()
+
+
+def default_acl(folder: Path, user: int, group: int, other: int) -> None:
+    """Give ``folder`` a default ACL (as ``setfacl -d``), the way a shared NAS folder hands its files to a group."""
+    entries = [(0x01, user), (0x04, group), (0x20, other)]  # ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER
+    value = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+    try:
+        os.setxattr(folder, "system.posix_acl_default", value)
+    except OSError as error:
+        pytest.skip(f"no POSIX ACLs on {folder}'s file system ({error.strerror})")
+
+
+def test_outputs_are_created_as_the_export_folder_would_create_any_file(tmp_path: Path) -> None:
+    """No mode of fixative's own: the umask decides, or the folder's default ACL where it has one."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    default_acl(shared, user=7, group=7, other=5)
+    old = os.umask(0o077)  # an artist who keeps their files to themselves
+    try:
+        write_atomically(tmp_path / "private.png", b"mine")
+        write_atomically(shared / "a.png", b"the group's")  # the ACL wins over the umask
+        os.umask(0o002)  # a studio that shares through a group
+        write_atomically(tmp_path / "group.png", b"ours")
+    finally:
+        os.umask(old)
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode))
+             for path in (tmp_path / "private.png", shared / "a.png", tmp_path / "group.png")}
+    assert modes == {"private.png": "0o600", "a.png": "0o664", "group.png": "0o664"}
 
 
 def test_each_job_is_protected_with_the_settings_it_was_queued_with(worker, store, settings, protect, loads) -> None:
