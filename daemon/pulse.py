@@ -84,7 +84,7 @@ class Pulse(threading.Thread):
         self.running, self.step, self.total = jobs, None, None
         self.group_started = time.time()
         self.progressed(f"protecting {job_names(jobs)}")
-        return all([self.store.heartbeat(job.id, self.owner, self.lease, step=0) for job in jobs])
+        return self.store.start_group([job.id for job in jobs], self.owner, self.lease)
 
     def run(self) -> None:
         while not self.quit.is_set():

@@ -485,6 +485,26 @@ class JobStore:
             {"id": job_id, "owner": owner, "lease": lease_seconds, "step": step, "total": total},
         )
 
+    def start_group(self, job_ids: list[int], owner: str, lease_seconds: float) -> bool:
+        """Record step 0 for a group about to be protected, all of its jobs in one transaction.
+
+        That progress is what tells the running group from the waiting jobs
+        should the engine die (:meth:`_requeue_dead`). Written one job at a
+        time, a kill between two writes would count the group's first job
+        and refund the rest, as if they had only been waiting. True if every
+        job is still ours.
+        """
+        with self._write():
+            changed = sum(
+                self._execute(
+                    """UPDATE jobs SET lease_expires = :now + :lease, updated_at = :now, progress_step = 0
+                       WHERE id = :id AND owner = :owner AND state = 'running'""",
+                    {"id": job_id, "owner": owner, "lease": lease_seconds, "now": time.time()},
+                )
+                for job_id in job_ids
+            )
+        return changed == len(job_ids)
+
     def finish(self, job_id: int, owner: str, output_path: Path | str, metrics: dict[str, Any]) -> bool:
         """Mark the job done. False if another claim took it meanwhile (then it is theirs)."""
         # Exclusive, though guarded: it updates the job and then its copies, and

@@ -324,8 +324,7 @@ def test_a_dead_engines_batch_costs_an_attempt_only_to_the_group_it_was_protecti
     lease = 300 if found == "released" else -1
     first = store.claim("dead-engine", lease)
     batch = [first, *store.claim_more("dead-engine", lease, first.fingerprint, 2)]
-    for job in batch[:2]:  # their group started; the third waits for its turn
-        assert store.heartbeat(job.id, "dead-engine", lease, step=0)
+    assert store.start_group([job.id for job in batch[:2]], "dead-engine", lease)  # the third waits for its turn
     if found == "released":
         assert store.release_owner("dead-engine", "the engine died while working on it (killed by SIGKILL)")
     again = store.claim("engine", 60)
