@@ -44,7 +44,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     check.add_argument("originals", type=Path, metavar="ORIGINALS_DIR", help="the works of one style, typically 5-20")
     check.add_argument("--protected", type=Path, metavar="DIR",
-                       help="their protected copies, same names (NAME.png or NAME.protected.png); default: made now")
+                       help="their protected copies, in the same subfolders, named NAME.png, NAME.protected.png or, "
+                       "as check saves them, NAME.jpg.png; default: made now")
     check.add_argument("--after", action="append", default=[], metavar="PIPELINE",
                        help="also train on the protected copies as a platform serves them, e.g. jpeg75 or half+jpeg75 "
                        "(repeatable)")
@@ -73,14 +74,38 @@ def find_originals(folder: Path) -> list[Path]:
     return found
 
 
+def copy_paths(originals: list[Path], originals_dir: Path, protected_dir: Path, suffix: str) -> list[Path]:
+    """Where the copies made now go: each original's relative path, ``suffix`` added where the format differs.
+
+    ``a/x.png`` and ``b/x.png`` keep their folders, and ``y.jpg`` becomes
+    ``y.jpg.png`` beside ``y.png``'s ``y.png``, so no copy takes another's
+    name. Only ``y.jpg`` beside an original named ``y.jpg.png`` could: that is
+    refused before any work, never overwritten.
+    """
+    paths = []
+    for original in originals:
+        relative = original.relative_to(originals_dir)
+        name = relative.name if relative.suffix.lower() == suffix else f"{relative.name}{suffix}"
+        paths.append(protected_dir / relative.parent / name)
+    clashes = sorted({path for path in paths if paths.count(path) > 1})
+    if clashes:
+        raise CheckError(f"two originals would both have their protected copy saved as {clashes[0]}; "
+                         "rename one of them")
+    return paths
+
+
 def find_copy(original: Path, originals_dir: Path, protected_dir: Path) -> Path:
-    """``NAME.*`` or ``NAME.protected.*`` (what ``fixative protect`` writes) in the same subfolder of ``protected_dir``."""
+    """The copy in the same subfolder of ``protected_dir``: ``NAME.SUFFIX.*`` (as :func:`copy_paths` names a copy
+    in another format), else ``NAME.*`` or ``NAME.protected.*`` (what ``fixative protect`` writes)."""
     relative = original.relative_to(originals_dir)
     folder = protected_dir / relative.parent
-    stems = {relative.stem, f"{relative.stem}.protected"}
-    matches = sorted(p for p in folder.glob("*") if p.stem in stems and p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    images = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    # The whole name first: y.jpg.png is y.jpg's copy alone, where the stem y would also take y.png's.
+    matches = ([p for p in images if p.stem == relative.name]
+               or [p for p in images if p.stem in {relative.stem, f"{relative.stem}.protected"}])
     if not matches:
-        raise CheckError(f"no protected copy of {relative} in {folder} (looked for {relative.stem}.* and {relative.stem}.protected.*)")
+        raise CheckError(f"no protected copy of {relative} in {folder} "
+                         f"(looked for {relative.name}.*, {relative.stem}.* and {relative.stem}.protected.*)")
     if len(matches) > 1:
         raise CheckError(f"several candidates for the protected copy of {relative}: {', '.join(p.name for p in matches)}")
     return matches[0]
@@ -237,6 +262,7 @@ def _check(args: argparse.Namespace, options) -> int:
         raise CheckError("--steps must be at least 1")
     paths = find_originals(args.originals)
     sources = [read(path) for path in paths]
+    output_dir = args.output_dir or Path(f"fixative-check-{time.strftime('%Y%m%d-%H%M%S')}")
     copies = None
     if args.protected:
         copies = []
@@ -245,6 +271,10 @@ def _check(args: argparse.Namespace, options) -> int:
             rgb = read(copy).rgb
             vet_copy(source.rgb, rgb, path, copy)
             copies.append(rgb)
+    else:
+        from fixative.engine.imaging import OUTPUT_FORMATS
+
+        planned = copy_paths(paths, args.originals, output_dir / "protected", OUTPUT_FORMATS[options.format])
 
     from tqdm import tqdm
 
@@ -259,7 +289,6 @@ def _check(args: argparse.Namespace, options) -> int:
         protector = load_model(options, generation=True)
     except EngineError as error:
         raise CheckError(str(error)) from error
-    output_dir = args.output_dir or Path(f"fixative-check-{time.strftime('%Y%m%d-%H%M%S')}")
     output_dir.mkdir(parents=True, exist_ok=True)
     model = mimicry.with_prompt(protector, args.prompt or mimicry.DEFAULT_PROMPT)
 
@@ -280,9 +309,8 @@ def _check(args: argparse.Namespace, options) -> int:
     bar_format = "{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, {remaining} left"
     with tqdm(total=round(units), file=sys.stderr, desc="check", bar_format=bar_format, mininterval=0.5) as bar:
         if copies is None:
-            (output_dir / "protected").mkdir(exist_ok=True)
             copies = []
-            for path, source in zip(paths, sources):
+            for path, source, copy in zip(paths, sources, planned):
                 bar.set_description(f"protecting {path.name}")
                 done = [0]
 
@@ -294,8 +322,9 @@ def _check(args: argparse.Namespace, options) -> int:
                     result = protect_image(source, protector, options, step)
                 except EngineError as error:
                     raise CheckError(f"{path}: {error}") from error
-                (output_dir / "protected" / f"{path.stem}{result.suffix}").write_bytes(result.data)
-                copies.append(read(output_dir / "protected" / f"{path.stem}{result.suffix}").rgb)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                copy.write_bytes(result.data)
+                copies.append(read(copy).rgb)
         originals = [source.rgb for source in sources]
         training_sets = {"clean": originals, "protected": copies}
         for name in args.after:

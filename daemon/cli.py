@@ -26,8 +26,8 @@ from pathlib import Path
 from fixative.daemon.inbox_filter import WatcherConfigError, ignore_reason
 from fixative.daemon.lock import EXIT_ALREADY_RUNNING, AlreadyRunning, hold
 from fixative.daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
-from fixative.daemon.status import printable
 from fixative.daemon.store import STATES, StoreUnavailable, open_store, store_exists
+from fixative.daemon.text import printable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from fixative.daemon.liveness import daemon_id
     from fixative.daemon.status import EXIT_DAEMON_DOWN, build_report, render
 
     settings = _settings(args)
@@ -196,7 +197,7 @@ def _status(args: argparse.Namespace) -> int:
             else:
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[J", end="")  # redraw in place
-                print(render(report), flush=True)
+                print(render(report, daemon_id(settings)), flush=True)
             code = 0 if report["up"] else EXIT_DAEMON_DOWN
             if not args.watch:
                 return code
@@ -256,12 +257,12 @@ def _enqueue(args: argparse.Namespace) -> int:
         base = inbox if path.is_relative_to(inbox) else path.parent
         problem = _enqueue_problem(path, base)
         if problem:
-            print(f"fixative: {name}: {problem}", file=sys.stderr)
+            print(f"fixative: {printable(str(name))}: {problem}", file=sys.stderr)
             refused += 1
             continue
         job = store.enqueue(path, settings.engine, inbox=base)
         extra = f" (same content as #{job.duplicate_of})" if job.duplicate_of else ""
-        print(f"#{job.id} {job.state}: {path}{extra}")
+        print(f"#{job.id} {job.state}: {printable(str(path))}{extra}")
     store.close()
     return 1 if refused else 0
 

@@ -20,8 +20,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fixative.daemon.files import write_atomically
 from fixative.daemon.settings import ConfigError, Settings
-from fixative.daemon.store import JobStore, StoreUnavailable, describe_store, open_store, store_exists
+from fixative.daemon.store import (CLOCK_SKEW_WARN_SECONDS, JobStore, StoreUnavailable, describe_store, open_store,
+                                   skew_problem, store_exists)
+from fixative.daemon.text import printable
 
 OK, WARN, FAIL = "ok", "WARN", "FAIL"
 INOTIFY_SYSCTL = "fs.inotify.max_user_watches"
@@ -180,9 +183,6 @@ def _inotify_checks(settings: Settings) -> list[tuple[str, str]]:
 #   here will open.
 
 MARKER_PREFIX = ".fixative-shared-"  # hidden: sync clients and galleries skip it
-# Leases compare expiry times written by one machine's clock with another's;
-# a skew of a few seconds is harmless against a lease of minutes.
-CLOCK_SKEW_WARN_SECONDS = 5.0
 QUEUED_TO_CHECK = 10
 
 
@@ -221,14 +221,11 @@ def _schema(store: JobStore) -> tuple[str, str]:
 
 
 def _clock(store: JobStore, lease_seconds: float) -> tuple[str, str]:
-    before = time.time()
-    server = store.backend.rows("SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS now", {})[0]["now"]
-    skew = float(server) - (before + time.time()) / 2
-    if abs(skew) < CLOCK_SKEW_WARN_SECONDS:
+    skew = store.clock_skew()
+    problem = skew_problem(skew)
+    if problem is None:
         return OK, f"clock: within {CLOCK_SKEW_WARN_SECONDS:.0f} s of the database server's"
-    level = FAIL if abs(skew) > lease_seconds / 2 else WARN
-    return level, (f"clock: {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} the database server's; "
-                   "leases are expiry times, so every machine's clock must agree (enable NTP: timedatectl set-ntp true)")
+    return (FAIL if abs(skew) > lease_seconds / 2 else WARN), f"clock: {problem}"
 
 
 def _marker_check(store: JobStore, key: str, folder: Path) -> tuple[str, str]:
@@ -236,7 +233,9 @@ def _marker_check(store: JobStore, key: str, folder: Path) -> tuple[str, str]:
     marker, token = folder / f"{MARKER_PREFIX}{machine}", uuid.uuid4().hex
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(token)
+        # A new file renamed into place, as outputs are: anyone who can write to the
+        # shared folder could have planted a symlink here, and it must not be written through.
+        write_atomically(marker, token.encode())
     except OSError as error:
         return FAIL, f"{key}: cannot write the shared-folder marker {marker} ({error.strerror})"
     with store.backend.write():
@@ -287,4 +286,5 @@ def _inbox_check(store: JobStore, inbox: Path) -> tuple[str, str]:
 
 
 def render(results: list[tuple[str, str]]) -> str:
-    return "\n".join(f"{level:<4}  {line}" for level, line in results)
+    # Escaped: the inbox check names queued images, and the marker check paths other machines recorded.
+    return "\n".join(f"{level:<4}  {printable(line)}" for level, line in results)

@@ -8,11 +8,17 @@ judge it the same way. Nothing here reads or writes the job table.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import socket
 import uuid
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fixative.daemon.settings import Settings
 
 # Both processes beat at least every 10 s (watcher 5 s, engine worker.heartbeat_seconds),
 # so a minute of silence means the process is gone.
@@ -38,24 +44,53 @@ def engine_labels(devices: list[str]) -> list[str]:
     return labels
 
 
-def engine_name(label: str) -> str:
+def daemon_id(settings: Settings) -> str:
+    """What tells this daemon apart from every other one on its job table and host; "" for a SQLite job table.
+
+    A SQLite job table lives in the state folder, which one daemon at a time
+    may use (fixative.daemon.lock), so the host alone names it. A PostgreSQL
+    one may be shared by two daemons on one host (two users, two state
+    folders) and by cloned machines that kept their hostname: there, the
+    machine id and the state folder, hashed short. Under one name, each would
+    read the other's beats as its own processes'.
+    """
+    if not settings.state_db:
+        return ""
+    return hashlib.sha256(f"{_machine_id()}\0{settings.state_dir}".encode()).hexdigest()[:6]
+
+
+def _machine_id() -> str:
+    """systemd's /etc/machine-id (or D-Bus's older copy), unique per installation; "" where there is none."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError):
+            return Path(path).read_text().strip()
+    return ""
+
+
+def host_suffix(daemon: str = "") -> str:
+    """What this daemon's names end with: ``@host``, or ``@host/3f9a1c`` with a :func:`daemon_id`."""
+    return f"@{socket.gethostname()}" + (f"/{daemon}" if daemon else "")
+
+
+def engine_name(label: str, daemon: str = "") -> str:
     """An engine's name in the job table (its heartbeat row, its mark on jobs): ``engine cuda:1@host``.
 
-    Stable across restarts, unlike its lease owner id. The host is in it because
-    several machines may share one job table.
+    Stable across restarts, unlike its lease owner id. The host (and the
+    ``daemon``'s id, see :func:`daemon_id`) is in it because several machines
+    may share one job table.
     """
-    return f"engine {label}@{socket.gethostname()}"
+    return f"engine {label}{host_suffix(daemon)}"
 
 
-def watcher_name() -> str:
-    """The watcher's heartbeat row: ``watcher@host``, one per machine, like the engines'.
+def watcher_name(daemon: str = "") -> str:
+    """The watcher's heartbeat row: ``watcher@host``, one per daemon, like the engines'.
 
     Several machines may share one job table, each watching an inbox of its own.
     Under one shared name, status would show whichever beat last, and
     ``fixative run`` would take another machine's live watcher for its own
     when deciding whether to ping systemd's watchdog.
     """
-    return f"watcher@{socket.gethostname()}"
+    return f"watcher{host_suffix(daemon)}"
 
 
 def new_owner() -> str:

@@ -26,6 +26,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from fixative.daemon.files import make_private_file, make_private_folder
+
 LOCK_FILE = "daemon.lock"
 # sysexits.h EX_TEMPFAIL: not an error in this process, and it would work once
 # the other daemon stops. The unit lists it in RestartPreventExitStatus, so a
@@ -56,8 +58,9 @@ def hold(state_dir: Path, role: str, *, inherited_fd: int | None = None) -> Iter
     """
     path = state_dir / LOCK_FILE
     if inherited_fd is None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        make_private_folder(state_dir)
+        make_private_file(path)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     else:
         fd = inherited_fd
         if not _same_file(fd, path):

@@ -10,9 +10,15 @@ from __future__ import annotations
 import os
 import socket
 
+from fixative.daemon.text import printable
+
 
 def notify(*fields: str) -> bool:
-    """Send e.g. ``notify("READY=1", "STATUS=idle")``; True if systemd got it."""
+    """Send e.g. ``notify("READY=1", "STATUS=idle")``; True if systemd got it.
+
+    The datagram is one field a line, so each field is escaped to one line: a
+    file name in a STATUS must not add assignments of its own (``MAINPID=``).
+    """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -23,7 +29,7 @@ def notify(*fields: str) -> bool:
         # and a heartbeat thread stuck there would hold up shutdown forever.
         sock.setblocking(False)
         try:
-            sock.sendto("\n".join(fields).encode(), address)
+            sock.sendto("\n".join(printable(field) for field in fields).encode(), address)
         except OSError:  # queue full, or systemd gone or restarting: never crash the daemon for a status line
             return False
     return True

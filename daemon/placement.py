@@ -16,8 +16,8 @@ from pathlib import Path, PurePosixPath
 
 import structlog
 
-from fixative.daemon.files import (MachineError, SourceChanged, file_sha256, read_queued, remove_temp_files,
-                                   write_atomically)
+from fixative.daemon.files import (NAME_MAX, MachineError, SourceChanged, UnwritableName, check_writable,
+                                   file_sha256, fits, read_queued, remove_temp_files, write_atomically)
 from fixative.daemon.settings import Settings
 from fixative.daemon.store import Job, JobStore
 from fixative.engine.errors import BadImage  # a plain exception: no torch
@@ -32,19 +32,30 @@ def export_folder(settings: Settings, job: Job) -> Path:
     return settings.export_dir.joinpath(*PurePosixPath(job.relative_path).parent.parts)
 
 
-def choose_output(store: JobStore, settings: Settings, job: Job, suffix: str) -> Path:
-    """Where this job's output goes, in :func:`export_folder`.
+def choose_output(store: JobStore, settings: Settings, job: Job, fmt: str) -> Path:
+    """Where this job's output in format ``fmt`` goes, in :func:`export_folder`, once that folder takes a file.
 
     A name planned by an earlier attempt of this job is reused, so a crash
     after the write leaves one file, not two. Otherwise the first name that
-    :func:`may_write` allows: ``a.png``, then ``a-2.png``...
+    :func:`may_write` allows: ``a.png``, then ``a-2.png``... What can never
+    be written fails for good: UnwritableName once the names left are too
+    long for any file system to hold, FolderBlocked (``files.check_writable``)
+    for a file in the way of the folder.
     """
+    from fixative.engine.imaging import OUTPUT_FORMATS  # numpy and PIL, not torch: only once a job needs them
+
+    folder = export_folder(settings, job)
+    check_writable(folder, within=settings.export_dir)
     if job.output_path:
         return Path(job.output_path)
-    stem = PurePosixPath(job.relative_path).stem
-    folder = export_folder(settings, job)
+    stem, suffix = PurePosixPath(job.relative_path).stem, OUTPUT_FORMATS[fmt]
     for n in range(1, 10_000):
         candidate = folder / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}"
+        if not fits(candidate.name):
+            taken = "" if n == 1 else " (the names before it are taken)"
+            raise UnwritableName(f"the protected copy cannot be named {candidate.name}{taken}: that is "
+                                 f"{len(os.fsencode(candidate.name))} bytes, and a file name may have at most "
+                                 f"{NAME_MAX}; rename the original to a shorter name")
         if may_write(store, candidate, job):
             return candidate
     raise MachineError(f"no free file name for {stem}{suffix} in {folder}")
@@ -68,7 +79,7 @@ def may_write(store: JobStore, candidate: Path, job: Job) -> bool:
     except FileNotFoundError:
         return True  # free, or our earlier output that the artist deleted
     except OSError:
-        return True  # the folder is unusable: files.check_writable reports why
+        return True  # the folder is unusable: files.check_writable reported why
     return stat.S_ISREG(mode) and file_sha256(candidate) in {other.output_sha256 for other in holders}
 
 

@@ -3,7 +3,8 @@
 A thread of its own, because the main loop spends minutes inside one PGD run
 and the job table must still hear from this process every few seconds. It is
 also the one place that decides whether the loop *moves*: a hung GPU driver
-must look dead, not busy.
+must look dead, not busy. And it warns when the leases cannot hold: a clock
+that disagrees with the database server's, a lease found expired on renewal.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import structlog
 from fixative.daemon.liveness import LOADING_STATUS, STALLED_AFTER_SECONDS
 from fixative.daemon.notify import notify, watchdog_interval
 from fixative.daemon.settings import Settings
-from fixative.daemon.store import Job, JobStore, StoreUnavailable
+from fixative.daemon.store import LEASE_EXPIRED, Job, JobStore, StoreUnavailable, skew_problem
 from fixative.daemon.store_wait import StoreWait
 
 log = structlog.get_logger()
@@ -68,10 +69,22 @@ class Pulse(threading.Thread):
         """``job`` ended one way or another (done, failed, released...): its lease is no longer ours to renew."""
         self.held = {job_id: held for job_id, held in self.held.items() if job_id != job.id}
 
-    def start_group(self, jobs: list[Job]) -> None:
+    def waiting(self) -> list[Job]:
+        """The jobs held whose group has not started."""
+        running = {job.id for job in self.running}
+        return [job for job in self.held.values() if job.id not in running]
+
+    def start_group(self, jobs: list[Job]) -> bool:
+        """``jobs`` are being protected from now on; their progress (step 0) is recorded at once, not at the next beat.
+
+        From the main loop, before the first step: that progress is what tells
+        the group that was running from the waiting ones if the engine dies
+        during that step (``JobStore.release_owner``). True if the jobs are all still ours.
+        """
         self.running, self.step, self.total = jobs, None, None
         self.group_started = time.time()
         self.progressed(f"protecting {job_names(jobs)}")
+        return self.store.start_group([job.id for job in jobs], self.owner, self.lease)
 
     def run(self) -> None:
         while not self.quit.is_set():
@@ -95,8 +108,10 @@ class Pulse(threading.Thread):
         for job in held.values():
             # Jobs waiting for their group keep their lease, and no progress until it starts.
             mine = any(job.id == other.id for other in running)
-            if not self.store.heartbeat(job.id, self.owner, self.lease, *((step, total) if mine else (None, None))):
+            renewed = self.store.heartbeat(job.id, self.owner, self.lease, *((step, total) if mine else (None, None)))
+            if not renewed and job.id not in self.lost:
                 self.lost.add(job.id)
+                self.tell_why_lost(job)
         if running and total:
             status = f"protecting {job_names(running)} {100 * (step or 0) // total}%"
         status += f" · {self.store.counts()['queued']} queued"
@@ -106,6 +121,35 @@ class Pulse(threading.Thread):
         if not moving:
             log.warning("engine.stalled", seconds=round(time.time() - progress_at), status=status)
         notify(f"STATUS={status}", *(["WATCHDOG=1"] if self.watchdog and moving else []))
+
+    def check_clock(self) -> None:
+        """Warn if this machine's clock disagrees with the database server's, as ``fixative doctor`` does; at start.
+
+        Leases are expiry times: an engine whose clock is behind writes leases
+        that the others find expired, and loses every job it starts.
+        """
+        try:
+            skew = self.store.clock_skew()
+        except StoreUnavailable:
+            return  # the worker's loop meets it again, and waits
+        if (problem := skew_problem(skew)) is not None:
+            log.warning("engine.clock_skew", skew_seconds=round(skew), problem=problem)
+
+    def tell_why_lost(self, job: Job) -> None:
+        """Warn when a renewal finds that the lease had expired: the job was queued again, or another engine took it.
+
+        Superseded (new content, a hand-over) is no fault, nor is a job this
+        engine ended just before the renewal. An expiry while this engine still
+        worked on it is: its beats did not get through in time, or its clock is
+        behind the others', which find every lease it writes already expired.
+        """
+        now = self.store.get(job.id)
+        if now is not None and now.state != "superseded" and (now.error == LEASE_EXPIRED or now.engine != self.name):
+            log.warning("engine.lease_expired", job_id=job.id, path=job.relative_path, state=now.state,
+                        lease_seconds=self.lease,
+                        problem="the job's lease expired while this engine worked on it, and it was queued again: "
+                                "the job table did not hear from this engine in time, or this machine's clock is "
+                                "behind the others' (fixative doctor compares them)")
 
 
 def job_names(jobs: list[Job]) -> str:

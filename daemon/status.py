@@ -16,8 +16,10 @@ import socket
 import time
 from typing import Any
 
-from fixative.daemon.liveness import engine_labels, engine_name, is_alive, is_stalled, watcher_name
+from fixative.daemon.liveness import (daemon_id, engine_labels, engine_name, host_suffix, is_alive, is_stalled,
+                                      watcher_name)
 from fixative.daemon.settings import Settings
+from fixative.daemon.text import printable
 from fixative.daemon.store import (STATES, Job, StoreUnavailable, describe_store, free_bytes, looks_full, open_store,
                                    store_exists)
 
@@ -25,13 +27,13 @@ from fixative.daemon.store import (STATES, Job, StoreUnavailable, describe_store
 EXIT_DAEMON_DOWN = 3
 
 
-def _watcher(beats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """This machine's watcher; on a machine that runs none (engines only, on a shared table), the one that beat last.
+def _watcher(beats: dict[str, dict[str, Any]], daemon: str) -> dict[str, Any] | None:
+    """This daemon's watcher; on a machine that runs none (engines only, on a shared table), the one that beat last.
 
     "watcher" alone is the row of a watcher from before rows were named by host.
     """
-    if watcher_name() in beats:
-        return beats[watcher_name()]
+    if watcher_name(daemon) in beats:
+        return beats[watcher_name(daemon)]
     others = [beat for name, beat in beats.items() if name == "watcher" or name.startswith("watcher@")]
     return max(others, key=lambda beat: beat["beat_at"], default=None)
 
@@ -44,7 +46,9 @@ def _never_started(**extra: Any) -> dict[str, Any]:
 def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) -> dict[str, Any]:
     """The ``status --json`` object. Creates nothing when the daemon has never run."""
     now = time.time()
-    configured = {engine_name(label): device for label, device in zip(engine_labels(settings.devices), settings.devices)}
+    daemon = daemon_id(settings)
+    configured = {engine_name(label, daemon): device
+                  for label, device in zip(engine_labels(settings.devices), settings.devices)}
     report: dict[str, Any] = {
         "up": False,
         # Why it is not up, when that is not a dead process: the daemon waits out a full
@@ -72,7 +76,7 @@ def build_report(settings: Settings, failures: int = 10, latest_done: int = 10) 
         except StoreUnavailable as error:  # a PostgreSQL job table that is away: nothing else can be read
             report["waiting"] = f"{error}; {error.remedy}"
             return report
-        if (watcher := _watcher(beats)) is not None:
+        if (watcher := _watcher(beats, daemon)) is not None:
             report["processes"]["watcher"] = watcher
         running = store.running_jobs()
         report["engines"] = _engines(report["engines"], beats, running, store.throughput_by_engine(24), now)
@@ -141,11 +145,12 @@ def _running(job: Job, now: float) -> dict[str, Any]:
     }
 
 
-def render(report: dict[str, Any]) -> str:
-    """The report for a person at a terminal.
+def render(report: dict[str, Any], daemon: str = "") -> str:
+    """The report for a person at a terminal; ``daemon``: this daemon's id (:func:`fixative.daemon.liveness.daemon_id`).
 
     One engine reads as it always did (``engine alive``, then a ``now:`` line);
-    several get a line each, with their pid, job and last 24 hours.
+    several get a line each, with their pid, job and last 24 hours. This
+    daemon's own engines are named by their label alone; any other's in full.
     """
     engines = report["engines"]
     working = sum(e["alive"] and not e["stalled"] for e in engines)
@@ -158,11 +163,11 @@ def render(report: dict[str, Any]) -> str:
     else:
         lines = [f"fixative is {verdict}: {watcher}, {len(engines)} engines"]
         for engine in engines:
-            title = engine["name"].removesuffix(f"@{socket.gethostname()}")
+            title = engine["name"].removesuffix(host_suffix(daemon))
             pid = f" (pid {engine['pid']})" if engine["pid"] else ""
             day = engine["throughput_24h"]
             mean = f", {_duration(day['mean_seconds'])} per image" if day["mean_seconds"] else ""
-            lines.append(f"  {printable(title)}{pid} {_process(engine)} · last 24h: {day['done']} done{mean}")
+            lines.append(f"  {title}{pid} {_process(engine)} · last 24h: {day['done']} done{mean}")
             lines += [f"    {_now(running)}" for running in engine["batch"]]
     lines.append(" · ".join(f"{state} {report['counts'][state]}" for state in STATES))
     if report["running"] and len(engines) == 1:
@@ -173,33 +178,25 @@ def render(report: dict[str, Any]) -> str:
     if report["latest_done"]:
         lines.append("latest done:")
         for done in report["latest_done"][:3]:
-            lines.append(f"  #{done['id']} {printable(done['output'])}{_figures(done['metrics'])}")
-            lines += [f"    warning: {printable(warning)}" for warning in done["metrics"].get("warnings", [])]
+            lines.append(f"  #{done['id']} {done['output']}{_figures(done['metrics'])}")
+            lines += [f"    warning: {warning}" for warning in done["metrics"].get("warnings", [])]
         survives = _survival(report["latest_done"][0]["metrics"])
         if survives:
             lines.append(f"  #{report['latest_done'][0]['id']} survives: {survives}")
     if report["failures"]:
         lines.append("latest failures (fixative retry ID | --failed):")
-        lines += [f"  #{f['id']} {printable(f['path'])}: {printable(f['error'])}"
+        lines += [f"  #{f['id']} {f['path']}: {f['error']}"
                   f"{' (will retry)' if f['state'] == 'queued' else ''}"
                   for f in report["failures"]]
-    return "\n".join(lines)
+    # Every line escaped here, once: a file name or an engine's status can be anywhere in them.
+    return "\n".join(printable(line) for line in lines)
 
 
 def _now(running: dict[str, Any]) -> str:
     progress = f"{running['step']}/{running['total']} ({running['percent']}%)" if running["total"] else "starting"
     speed = f" · {running['seconds_per_step']:.1f} s/step" if running["seconds_per_step"] else ""
     eta = f" · ETA {_duration(running['eta_seconds'])}" if running["eta_seconds"] is not None else ""
-    return f"now: {printable(running['relative_path'])} {progress}{speed}{eta} (attempt {running['attempt']})"
-
-
-def printable(text: str | None) -> str:
-    """``text`` on one terminal line: control characters escaped.
-
-    A file name may hold a newline (or an escape sequence), and printed raw it
-    would split a job across lines or repaint the terminal.
-    """
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text or "")
+    return f"now: {running['relative_path']} {progress}{speed}{eta} (attempt {running['attempt']})"
 
 
 def _figures(metrics: dict[str, Any]) -> str:

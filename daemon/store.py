@@ -14,6 +14,11 @@ wrong or right:
 * ``attempts`` counts claims, not failures, and is incremented at claim time, so
   an image that kills the engine outright still ends as "failed" after
   ``max_attempts`` instead of looping (goqite's receive limit, apalis's orphans).
+* A dead engine's attempt is counted only for the jobs it was protecting: the
+  jobs of a batch still waiting for their group's turn get theirs back
+  (:meth:`JobStore._requeue_dead`). A job that has used an attempt is claimed
+  alone from then on (:attr:`Job.retried`), so that an image that kills the
+  engine fails by itself instead of taking its batch-mates down with it.
 * Read-then-write runs in an exclusive write transaction (``_write(exclusive=True)``):
   what it read cannot change before it writes. Claims do not need one: they
   take rows with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so that claimers on
@@ -29,6 +34,8 @@ wrong or right:
 * A path has one current job: queuing new content or new settings for a path
   marks its older unfinished or failed jobs "superseded". They are history,
   not failures, so ``fixative status`` and ``retry --failed`` leave them alone.
+  A job whose original is gone (renamed in the inbox) is superseded by its
+  copy under the new name, which was recorded as skipped.
 
 Timestamps are unix seconds (floats) everywhere, leases included, on both
 backends: every rule reads the same. With several machines their clocks must
@@ -53,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fixative.daemon.files import file_sha256
+from fixative.daemon.text import printable
 from fixative.engine.options import EngineOptions
 
 if TYPE_CHECKING:
@@ -61,6 +69,10 @@ if TYPE_CHECKING:
 # What counts as a full state disk. SQLite needs a few pages per write; with
 # less than this left for this user (statvfs f_bavail), writes are failing or about to.
 FULL_BELOW_BYTES = 1 << 20
+# Leases compare expiry times written by one machine's clock with another's;
+# a skew of a few seconds is harmless against a lease of minutes.
+CLOCK_SKEW_WARN_SECONDS = 5.0
+LEASE_EXPIRED = "lease expired: the engine stopped while working on it"  # the error of a job queued again for it
 STATES = ("queued", "running", "done", "failed", "skipped", "superseded")
 
 
@@ -74,6 +86,13 @@ class StoreUnavailable(Exception):
     """
 
     remedy = "try again once it answers (the daemon waits for it by itself)"
+
+
+class StoreRefused(StoreUnavailable):
+    """The PostgreSQL job table answers, but refuses what the store asks (a role without the rights it needs)."""
+
+    remedy = ("fix what it says, such as the role's rights on the database (see the README's PostgreSQL steps); "
+              "the daemon tries again by itself meanwhile")
 
 
 class StateDiskFull(StoreUnavailable):
@@ -96,6 +115,7 @@ class Backend(Protocol):
     def rows(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]: ...
     def execute(self, sql: str, params: dict[str, Any]) -> int: ...
     def schema_version(self) -> int: ...  # brought up to date when the backend first connects
+    def server_time(self) -> float | None: ...  # the database server's clock; None: the table is on this machine
     def close(self) -> None: ...
 
 
@@ -129,6 +149,15 @@ def free_bytes(state_dir: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
+def skew_problem(skew: float | None) -> str | None:
+    """What a clock ``skew`` (:meth:`JobStore.clock_skew`) means for the leases, for people; None if nothing."""
+    if skew is None or abs(skew) < CLOCK_SKEW_WARN_SECONDS:
+        return None
+    return (f"this machine's clock is {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} the database "
+            "server's; leases are expiry times, so every machine's clock must agree "
+            "(enable NTP: timedatectl set-ntp true)")
+
+
 def looks_full(settings: Settings) -> bool:
     """Whether the SQLite job table's disk is full. A PostgreSQL job table is not on it (``state_db``)."""
     return not settings.state_db and free_bytes(settings.state_dir) < FULL_BELOW_BYTES
@@ -160,6 +189,11 @@ class Job:
     archived_to: str | None = None
     output_sha256: str | None = None
     engine: str | None = None  # the engine that claimed it last (processes.name)
+
+    @property
+    def retried(self) -> bool:
+        """A claimed job that used an attempt before (its engine died, or it failed): it is protected alone."""
+        return self.attempts > 1
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
@@ -326,9 +360,9 @@ class JobStore:
             {"id": job_id, "reason": reason, "now": now},
         ):
             return False
-        heir = self._rows("SELECT id FROM jobs WHERE duplicate_of = :id ORDER BY id LIMIT 1", {"id": job_id})
-        if heir:
-            params = {"id": job_id, "heir": heir[0]["id"], "now": now}
+        heir = self._heir(job_id)
+        if heir is not None:
+            params = {"id": job_id, "heir": heir.id, "now": now}
             # In this order: the retired job leaves the one-per-content index before the heir joins it.
             self._execute("UPDATE jobs SET duplicate_of = :heir WHERE duplicate_of = :id OR id = :id", params)
             self._execute(
@@ -338,6 +372,15 @@ class JobStore:
                 params,
             )
         return True
+
+    def _heir(self, job_id: int) -> Job | None:
+        """The copy that takes a retired job over: the first path recorded as a skipped copy of its content.
+
+        Skipped only: the jobs an heir took over point at it as well (``_supersede``),
+        and one of those taking it back would pass the job to and fro forever.
+        """
+        return self._job("SELECT * FROM jobs WHERE duplicate_of = :id AND state = 'skipped' ORDER BY id LIMIT 1",
+                         {"id": job_id})
 
     def record_refusal(self, path: Path, reason: str) -> Job:
         """Record a path the watcher will not touch (symlink, FIFO, outside the inbox).
@@ -383,13 +426,9 @@ class JobStore:
         skip_locked = self.backend.skip_locked
         with self._write():
             # The engine that held these stopped heartbeating: it was killed or
-            # the machine went down. Its attempt was counted when it claimed.
-            self._execute(
-                f"""UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, updated_at = :now,
-                           error = 'lease expired: the engine stopped while working on it'
-                    WHERE id IN (SELECT id FROM jobs WHERE state = 'running' AND lease_expires < :now{skip_locked})""",
-                params,
-            )
+            # the machine went down.
+            self._requeue_dead("state = 'running' AND lease_expires < :now",
+                               {**params, "error": LEASE_EXPIRED})
             # Out of attempts: fail with the last reason rather than try forever.
             self._execute(
                 f"""UPDATE jobs SET state = 'failed', finished_at = :now, updated_at = :now,
@@ -405,20 +444,21 @@ class JobStore:
         """Take up to ``limit`` more queued jobs with ``fingerprint`` for ``owner``, oldest first, each with its own lease.
 
         For an engine that protects several images as one batch (``[engine]
-        batch_size``) once :meth:`claim` gave it one: the same settings, so one
-        model and one set of options serve them all. It takes what is queued
-        now, possibly nothing: a batch is never waited for. Each job's attempt
+        batch_size``) once :meth:`claim` gave it one that is not :attr:`Job.retried`:
+        the same settings, so one model and one set of options serve them all.
+        It takes what is queued now, possibly nothing: a batch is never waited for. Each job's attempt
         is counted as in :meth:`claim`, and every rule of a lease applies to
         each alone (heartbeat, release, release_owner, expiry).
         """
         if limit < 1:
             return []
         now = time.time()
-        params = {"now": now, "owner": owner, "expires": now + lease_seconds, "max": self.max_attempts,
-                  "engine": engine, "fingerprint": fingerprint}
+        params = {"now": now, "owner": owner, "expires": now + lease_seconds, "engine": engine,
+                  "fingerprint": fingerprint}
         with self._write():
-            # attempts < max: a job whose last attempt failed since claim()'s sweep is left for the next sweep to fail.
-            return self._take("AND fingerprint = :fingerprint AND attempts < :max", limit, params)
+            # Only jobs that never used an attempt: one that did is claimed alone (Job.retried). That also
+            # leaves a job whose last attempt failed since claim()'s sweep for the next sweep to fail.
+            return self._take("AND fingerprint = :fingerprint AND attempts = 0", limit, params)
 
     def _take(self, where: str, limit: int, params: dict[str, Any]) -> list[Job]:
         """Lease the oldest ``limit`` queued jobs that are due and match ``where``; inside a write transaction."""
@@ -444,6 +484,26 @@ class JobStore:
                WHERE id = :id AND owner = :owner AND state = 'running'""",
             {"id": job_id, "owner": owner, "lease": lease_seconds, "step": step, "total": total},
         )
+
+    def start_group(self, job_ids: list[int], owner: str, lease_seconds: float) -> bool:
+        """Record step 0 for a group about to be protected, all of its jobs in one transaction.
+
+        That progress is what tells the running group from the waiting jobs
+        should the engine die (:meth:`_requeue_dead`). Written one job at a
+        time, a kill between two writes would count the group's first job
+        and refund the rest, as if they had only been waiting. True if every
+        job is still ours.
+        """
+        with self._write():
+            changed = sum(
+                self._execute(
+                    """UPDATE jobs SET lease_expires = :now + :lease, updated_at = :now, progress_step = 0
+                       WHERE id = :id AND owner = :owner AND state = 'running'""",
+                    {"id": job_id, "owner": owner, "lease": lease_seconds, "now": time.time()},
+                )
+                for job_id in job_ids
+            )
+        return changed == len(job_ids)
 
     def finish(self, job_id: int, owner: str, output_path: Path | str, metrics: dict[str, Any]) -> bool:
         """Mark the job done. False if another claim took it meanwhile (then it is theirs)."""
@@ -482,18 +542,22 @@ class JobStore:
                      WHERE id = :id AND owner = :owner AND state = 'running'"""
         return self._update(sql, params)
 
-    def release(self, job_id: int, owner: str, error: str | None = None) -> bool:
+    def release(self, job_id: int, owner: str, error: str | None = None, *, retry_after_seconds: float = 0) -> bool:
         """Give a job back without counting the attempt.
 
         For the engine being asked to stop, and for failures that are the
         machine's fault rather than the image's (export folder unwritable, disk
         full): those must not use up the image's attempts. ``error`` says why.
+        ``retry_after_seconds``: not claimed again before then, so that the
+        other jobs pass it meanwhile (the fault may be this job's alone: its
+        subfolder unwritable).
         """
         return self._update(
             """UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, attempts = attempts - 1,
-                      progress_step = NULL, progress_total = NULL, error = :error, updated_at = :now
+                      progress_step = NULL, progress_total = NULL, error = :error, not_before = :retry_at,
+                      updated_at = :now
                WHERE id = :id AND owner = :owner AND state = 'running'""",
-            {"id": job_id, "owner": owner, "error": error},
+            {"id": job_id, "owner": owner, "error": error, "retry_at": time.time() + retry_after_seconds},
         )
 
     def supersede(self, job_id: int, owner: str, reason: str) -> bool:
@@ -502,24 +566,63 @@ class JobStore:
         The watcher queues the new content once it settles, and that job is the current one.
         """
         with self._write(exclusive=True):
-            if not self._rows("SELECT 1 FROM jobs WHERE id = :id AND owner = :owner AND state = 'running'",
-                              {"id": job_id, "owner": owner}):
-                return False
-            return self._supersede(job_id, reason, time.time())
+            return self._holds(job_id, owner) and self._supersede(job_id, reason, time.time())
+
+    def hand_over(self, job_id: int, owner: str, reason: str) -> Job | None:
+        """Retire a claimed job whose original is gone, for a copy of it under another name; that copy, queued now.
+
+        ``mv a.png b.png`` in the inbox before a.png's job ran: the watcher
+        recorded b.png as a skipped copy of the job, and b.png is the file
+        left to protect. None when the job has no copy (or is no longer ours).
+        ``reason``: why the original is gone.
+        """
+        with self._write(exclusive=True):
+            heir = self._heir(job_id)
+            if heir is None or not self._holds(job_id, owner):
+                return None
+            self._supersede(job_id, f"{reason}; its copy {heir.relative_path} (job #{heir.id}) is protected instead",
+                            time.time())
+            return self.get(heir.id)
+
+    def _holds(self, job_id: int, owner: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM jobs WHERE id = :id AND owner = :owner AND state = 'running'",
+                               {"id": job_id, "owner": owner}))
 
     def release_owner(self, owner: str, reason: str) -> bool:
-        """Queue again the job ``owner`` held, now that its process is known to be dead; True if it held one.
+        """Queue again the jobs ``owner`` held, now that its process is known to be dead; True if it held any.
 
         ``fixative run`` calls this as soon as its engine child dies, instead of
-        letting the job look "running" for the rest of its lease. The attempt
-        stays counted, as for an expired lease: an image that kills the engine
-        must still end as failed after ``max_attempts``.
+        letting the jobs look "running" for the rest of their leases. The
+        attempts are counted as for an expired lease (:meth:`_requeue_dead`).
         """
-        return self._update(
-            """UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, progress_step = NULL,
-                      progress_total = NULL, error = :error, updated_at = :now
-               WHERE owner = :owner AND state = 'running'""",
-            {"owner": owner, "error": reason},
+        with self._write():
+            return self._requeue_dead("owner = :owner AND state = 'running'",
+                                      {"owner": owner, "error": reason, "now": time.time()}) > 0
+
+    def _requeue_dead(self, held: str, params: dict[str, Any]) -> int:
+        """Queue again the running jobs that ``held`` selects, whose engine is dead; inside a write transaction.
+
+        Their attempt stays counted (an image that kills the engine must end as
+        failed after ``max_attempts``), but only for what the engine was doing
+        when it died: the group being protected, whose progress the engine
+        recorded before its first step, or every job if no group had started
+        (one may have died decoding). The jobs of the batch still waiting for
+        their group's turn get theirs back. ``params``: ``now`` and ``error``.
+        """
+        skip_locked = self.backend.skip_locked
+        # Two statements: the second clears the progress that the first one reads.
+        self._execute(
+            f"""UPDATE jobs SET attempts = attempts - 1
+                WHERE id IN (SELECT id FROM jobs WHERE {held} AND progress_step IS NULL{skip_locked})
+                AND EXISTS (SELECT 1 FROM jobs AS protecting WHERE protecting.owner = jobs.owner
+                            AND protecting.state = 'running' AND protecting.progress_step IS NOT NULL)""",
+            params,
+        )
+        return self._execute(
+            f"""UPDATE jobs SET state = 'queued', owner = NULL, lease_expires = NULL, progress_step = NULL,
+                       progress_total = NULL, error = :error, updated_at = :now
+                WHERE id IN (SELECT id FROM jobs WHERE {held}{skip_locked})""",
+            params,
         )
 
     def plan_output(self, job_id: int, owner: str, output_path: Path | str, output_sha256: str) -> bool:
@@ -548,6 +651,12 @@ class JobStore:
             {"output": str(output_path), "id": job_id},
         )
         return [Job.from_row(r) for r in rows]
+
+    def clock_skew(self) -> float | None:
+        """How far the database server's clock is ahead of this machine's, in seconds; None: the table is local."""
+        before = time.time()
+        server = self.backend.server_time()
+        return None if server is None else server - (before + time.time()) / 2
 
     def record_archive(self, job_id: int, archived_to: Path | str | None) -> None:
         """Record where the original was moved (None: the move failed after all)."""
@@ -579,7 +688,8 @@ class JobStore:
 
         ``progress_at``: when its main loop last moved, if that is not now (the
         engine beats from a side thread, so it passes its last step's time).
-        ``device``: an engine's device.
+        ``device``: an engine's device. ``status`` is recorded escaped (``fixative.daemon.text``):
+        it names files and folders, and status and systemd's STATUS show it as it is.
         """
         now = time.time()
         with self._write():
@@ -589,7 +699,7 @@ class JobStore:
                    ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, status = excluded.status,
                           beat_at = excluded.beat_at, progress_at = excluded.progress_at,
                           host = excluded.host, device = excluded.device""",
-                {"name": process, "pid": os.getpid(), "status": status, "now": now,
+                {"name": process, "pid": os.getpid(), "status": printable(status), "now": now,
                  "progress_at": now if progress_at is None else progress_at,
                  "host": socket.gethostname(), "device": device},
             )

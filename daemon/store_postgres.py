@@ -16,7 +16,12 @@ when ``state_db`` names a PostgreSQL URL.
   together do not both migrate.
 * A connection that fails (the server restarts, the network drops, its disk is
   full: SQLSTATE classes 08, 53, 57, 58) is :class:`~fixative.daemon.store.StoreUnavailable`:
-  the daemon waits and tries again, and the next call connects afresh.
+  the daemon waits and tries again, and the next call connects afresh. Any
+  other driver error (a role without a right it needs) is
+  :class:`~fixative.daemon.store.StoreRefused`, waited out the same way: no
+  driver error leaves this module, and none shows the password.
+* ``state_db`` is read by libpq's own parser (:func:`libpq_reading`), and is
+  shown only rebuilt from that reading, the password replaced (:func:`redact`).
 
 A COMMIT whose answer is lost with the connection may or may not have landed.
 Every write is safe to be left in either state:
@@ -40,10 +45,10 @@ from contextlib import contextmanager
 from functools import lru_cache
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode
 
 from fixative.daemon.settings import ConfigError
-from fixative.daemon.store import StoreUnavailable
+from fixative.daemon.store import StoreRefused, StoreUnavailable, is_postgresql
 
 # pg_advisory_xact_lock keys: any two fixed 64-bit numbers, unlikely to be another program's.
 MIGRATION_LOCK = 0x6669786174697601  # "fixativ" + 1
@@ -128,15 +133,71 @@ MIGRATIONS = [
 ]
 
 
-def redact(url: str) -> str:
-    """``url`` without its password (in the user part or as ``?password=``), for logs, status and doctor."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}:***@{host}"
-    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+# What status, doctor and the journal show for a connection string libpq cannot read as meant.
+HIDDEN = "postgresql://<unparseable, hidden>"
+UNREADABLE = (
+    "state_db: libpq cannot read this URL as it is written, so it is not shown (it may hold the password). "
+    "Percent-encode the special characters of the user name and password: % as %25, a space as %20, "
+    "@ as %40, / as %2F (and # as %23, ? as %3F), or keep the password in ~/.pgpass")
+
+
+def libpq_reading(conninfo: str) -> dict[str, str] | None:
+    """What libpq connects with for ``conninfo`` (a URL or key=value string); None if it cannot read it as meant.
+
+    libpq's own parse, not a URL parser's: libpq takes a raw ``#`` or ``?`` in
+    a password as part of it, where a URL parser sees a fragment or a query.
+    """
+    try:
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # no driver to read it with: open_store says how to install it
+        return None
+    try:
+        params = conninfo_to_dict(conninfo)
+    except Error:  # its message quotes the string, password and all
+        return None
+    return None if is_postgresql(conninfo) and _misread(conninfo) else params
+
+
+def _misread(url: str) -> bool:
+    """Whether libpq would take a piece of this URL's password for something else.
+
+    libpq ends the user part at the first ``@`` or ``/``, so a raw ``@`` or
+    ``/`` in a password cuts it there, and the rest is read as the host, port
+    or database, and quoted in error messages (``could not translate host
+    name``). Any ``@`` but one that ends the user part counts as such a cut.
+    """
+    after_scheme = url.partition("://")[2]
+    end = re.search(r"[@/]", after_scheme)
+    return after_scheme.count("@") > (1 if end and end.group() == "@" else 0)
+
+
+def redact(conninfo: str) -> str:
+    """``conninfo`` as libpq reads it, without its password, for logs, status and doctor; :data:`HIDDEN` if unreadable."""
+    params = libpq_reading(conninfo)
+    if params is None:
+        return HIDDEN
+    if "password" in params:
+        params["password"] = "***"
+    if not is_postgresql(conninfo):
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(**params)
+    return _as_url(conninfo.partition("://")[0], params)
+
+
+def _as_url(scheme: str, params: dict[str, str]) -> str:
+    """``params`` as a URL; several hosts or a socket folder go in its query, where no character is ambiguous."""
+    user, password = params.pop("user", None), params.pop("password", None)
+    host, port, dbname = params.pop("host", ""), params.pop("port", None), params.pop("dbname", None)
+    if "/" in host or "," in host:
+        params = {"host": host, **({"port": port} if port else {}), **params}
+        host, port = "", None
+    userinfo = f"{quote(user or '', safe='')}{':' + password if password else ''}@" if user or password else ""
+    address = f"[{host}]" if ":" in host else quote(host, safe="")
+    path = f"/{quote(dbname, safe='')}" if dbname else ""
+    query = f"?{urlencode(params, quote_via=quote, safe='/,')}" if params else ""
+    return f"{scheme}://{userinfo}{address}{f':{port}' if port else ''}{path}{query}"
 
 
 @lru_cache(maxsize=256)
@@ -158,6 +219,10 @@ class PostgreSQLBackend:
                 "state_db: a PostgreSQL job table needs psycopg 3, which is not installed: "
                 "pip install 'fixative[postgresql]'"]) from None
         self.url = url
+        params = libpq_reading(url)
+        if params is None:
+            raise ConfigError([UNREADABLE])
+        self._params = params
         self._conn: Any = None
         self._lock = threading.RLock()
 
@@ -172,27 +237,38 @@ class PostgreSQLBackend:
 
     @contextmanager
     def _unavailable(self) -> Iterator[None]:
-        """Turn a failed connection into StoreUnavailable, and drop it so that the next call reconnects."""
+        """Turn every driver error into StoreUnavailable, its message without the password.
+
+        A failed connection is dropped, so that the next call reconnects. An
+        error of the database's own (a role without the rights it needs) is
+        :class:`StoreRefused`: waited out too, since fixing it needs no restart.
+        """
         import psycopg
 
         try:
             yield
-        except (psycopg.OperationalError, psycopg.errors.TransactionRollback) as error:
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.TransactionRollback) as error:
             # TransactionRollback (a deadlock, a serialization failure) should not
             # happen with the store's locking; if it does, trying again is right.
             if self._conn is not None and (self._conn.broken or self._conn.closed):
                 self._conn.close()
                 self._conn = None
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise StoreUnavailable(f"the job database is unavailable ({self.describe()}): {reason}") from error
+            raise StoreUnavailable(f"the job database is unavailable ({self.describe()}): {self._reason(error)}") from error
+        except psycopg.Error as error:
+            raise StoreRefused(f"the job database refused a request ({self.describe()}): {self._reason(error)}") from error
+
+    def _reason(self, error: Exception) -> str:
+        """The first line of ``error``'s message, the password taken out should libpq have quoted it."""
+        lines = str(error).strip().splitlines()
+        reason = lines[0] if lines else type(error).__name__
+        return reason.replace(self._params["password"], "***") if self._params.get("password") else reason
 
     def _connection(self) -> Any:
         if self._conn is None:
             import psycopg
-            from psycopg.conninfo import conninfo_to_dict
             from psycopg.rows import dict_row
 
-            settings = {**CONNECTION_DEFAULTS, **conninfo_to_dict(self.url)}
+            settings = {**CONNECTION_DEFAULTS, **self._params}
             # autocommit: a read is one statement on its own, never an open
             # transaction left idle; write() opens its transactions itself.
             conn = psycopg.connect(**settings, autocommit=True, row_factory=dict_row)
@@ -224,6 +300,9 @@ class PostgreSQLBackend:
 
     def schema_version(self) -> int:
         return self.rows("SELECT COALESCE(MAX(version), 0) AS version FROM fixative_schema", {})[0]["version"]
+
+    def server_time(self) -> float:
+        return float(self.rows("SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS now", {})[0]["now"])
 
 
 def _migrate(conn: Any) -> None:

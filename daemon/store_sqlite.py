@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fixative.daemon.files import make_private_file, make_private_folder
 from fixative.daemon.store import StateDiskFull
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how
@@ -139,7 +140,12 @@ class SQLiteBackend:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Every file name and error is in it: the owner's alone, whatever the umask.
+        # SQLite gives the -wal and -shm files it creates the table's own mode.
+        make_private_folder(self.path.parent)
+        make_private_file(self.path)
+        for journal in ("-wal", "-shm"):  # those a fixative left readable before it kept the table private
+            make_private_file(self.path.with_name(self.path.name + journal), create=False)
         # isolation_level=None: the sqlite3 module must not open transactions
         # behind our back; we open BEGIN IMMEDIATE ourselves. timeout=30 is the
         # busy timeout that lets the watcher and the engine wait for each other.
@@ -197,6 +203,9 @@ class SQLiteBackend:
     def schema_version(self) -> int:
         with self._lock:
             return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def server_time(self) -> None:
+        return None  # the file is on this machine: its clock is the engine's
 
 
 def _disk_full(error: BaseException) -> bool:

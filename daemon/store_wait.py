@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import structlog
 
@@ -30,6 +31,7 @@ from fixative.daemon.store import StateDiskFull, StoreUnavailable, free_bytes
 log = structlog.get_logger()
 
 RETRY_SECONDS = 5.0
+T = TypeVar("T")
 
 
 class StoreWait:
@@ -59,21 +61,38 @@ class StoreWait:
             self.since = None
 
 
+def until_answered(ask: Callable[[], T], *, stop: threading.Event, pause: Callable[[StoreUnavailable], None]) -> T:
+    """Call ``ask`` until the job table answers, ``pause`` between tries; its answer.
+
+    For the engine's calls between a protection and its record: minutes of
+    work must not be dropped for a blip. On a stop, the StoreUnavailable is raised.
+    """
+    while True:
+        try:
+            return ask()
+        except StoreUnavailable as error:
+            if stop.is_set():
+                raise
+            pause(error)
+
+
 def until_written(write: Callable[[], bool], landed: Callable[[], bool] | None, *, stop: threading.Event,
                   pause: Callable[[StoreUnavailable], None]) -> bool:
-    """Call ``write`` until the job table answers, ``pause`` between tries; its answer, or False on a stop.
+    """Call ``write`` until the job table answers (:func:`until_answered`); its answer, or False on a stop.
 
     False also means the row is no longer ours (``write``'s owner guard).
     ``landed``: after a try that failed, whether it was written after all. A
     PostgreSQL COMMIT whose answer was lost with the connection may have
     landed, and then the retry's owner guard no longer matches.
     """
-    interrupted = False
-    while True:
-        try:
-            return write() or (interrupted and landed is not None and landed())
-        except StoreUnavailable as error:
-            if stop.is_set():
-                return False
-            interrupted = True
-            pause(error)
+    tries = 0
+
+    def attempt() -> bool:
+        nonlocal tries
+        tries += 1
+        return write() or (tries > 1 and landed is not None and landed())
+
+    try:
+        return until_answered(attempt, stop=stop, pause=pause)
+    except StoreUnavailable:
+        return False  # stopping

@@ -40,8 +40,8 @@ import structlog
 from fixative.daemon.inbox_filter import WatcherConfigError
 from fixative.daemon.notify import notify, watchdog_interval
 from fixative.daemon.settings import EX_CONFIG, Settings
-from fixative.daemon.liveness import (LOADING_STATUS, STALLED_AFTER_SECONDS, engine_labels, engine_name, is_alive,
-                                      is_healthy, new_owner, watcher_name)
+from fixative.daemon.liveness import (LOADING_STATUS, STALLED_AFTER_SECONDS, daemon_id, engine_labels, engine_name,
+                                      is_alive, is_healthy, new_owner, watcher_name)
 from fixative.daemon.store import JobStore, StoreUnavailable, looks_full, open_store
 
 log = structlog.get_logger()
@@ -102,7 +102,8 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
     store = open_store(settings)
     watcher = _WatcherThread(settings)
     watcher.start()
-    engines = [_WorkerChild(engine_command, label, device, store, pass_fds)
+    daemon = daemon_id(settings)
+    engines = [_WorkerChild(engine_command, label, engine_name(label, daemon), device, store, pass_fds)
                for label, device in zip(engine_labels(settings.devices), settings.devices)]
     ready = False
     last_status = ""
@@ -138,7 +139,7 @@ def run_daemon(settings: Settings, stop: threading.Event, engine_command: list[s
             if status and status != last_status:
                 last_status = status
                 notify(f"STATUS={status}")
-            moving = is_healthy(beats.get(watcher_name())) and not any(e.stalled(beats.get(e.name), stall_limit) for e in engines)
+            moving = is_healthy(beats.get(watcher_name(daemon))) and not any(e.stalled(stall_limit) for e in engines)
             if ping_every and (moving or waiting) and time.monotonic() >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping_every
@@ -177,9 +178,10 @@ class _WorkerChild:
     the loop would leave the other engines unsupervised meanwhile.
     """
 
-    def __init__(self, command: list[str], label: str, device: str, store: JobStore, pass_fds: tuple[int, ...] = ()):
+    def __init__(self, command: list[str], label: str, name: str, device: str, store: JobStore,
+                 pass_fds: tuple[int, ...] = ()):
         self.command = [*command, "--device", device, "--label", label]
-        self.label, self.name = label, engine_name(label)
+        self.label, self.name = label, name
         self.store, self.pass_fds = store, pass_fds
         # The child must not notify systemd itself (NotifyAccess=main would
         # reject it and log a warning on every message).
@@ -196,6 +198,7 @@ class _WorkerChild:
         self.process: subprocess.Popen | None = subprocess.Popen(
             [*self.command, "--owner", self.owner], env=self.env, preexec_fn=_die_with_parent, pass_fds=self.pass_fds)
         self.started, self.started_at = time.monotonic(), time.time()
+        self.progress_seen = 0.0  # the latest progress_at of a beat of this child's own
         self.restart_at, self.killed_for = None, None
         log.info("run.engine_started", engine=self.label, pid=self.process.pid)
 
@@ -209,22 +212,33 @@ class _WorkerChild:
             if self.restart_at is not None and time.monotonic() >= self.restart_at:
                 self.start()
             return
+        self.observe(beat)
         code = self.process.poll()
         if code is not None:
             self.died(code)
-        elif stall_limit is not None and self.killed_for is None and self.stalled(beat, stall_limit):
+        elif stall_limit is not None and self.killed_for is None and self.stalled(stall_limit):
             # A step hung in a GPU driver: its heartbeat thread may beat on, its loop does not move.
             self.killed_for = f"it made no progress for {stall_limit:.0f} s, and was killed"
             log.error("run.engine_stalled", engine=self.label, pid=self.pid, seconds=round(stall_limit),
                       status=beat["status"] if beat else None)
             self.process.kill()
 
-    def stalled(self, beat: dict | None, stall_limit: float) -> bool:
-        """Running, and its loop has shown no progress (in its beat, or since its start) for ``stall_limit``."""
+    def observe(self, beat: dict | None) -> None:
+        """Note the progress ``beat`` shows, if it is this child's own.
+
+        The row may hold another process's beat: this engine's previous life,
+        or, should two daemons ever share a name, the other's. Its progress is
+        never this child's, and neither is its absence: the child is judged by
+        the last beat of its own that was seen.
+        """
+        if beat is not None and beat["pid"] == self.pid:
+            self.progress_seen = max(self.progress_seen, beat["progress_at"])
+
+    def stalled(self, stall_limit: float) -> bool:
+        """Running, and its loop has shown no progress (in its own beats, or since its start) for ``stall_limit``."""
         if self.process is None:
             return False
-        shown = beat["progress_at"] if beat is not None and beat["pid"] == self.pid else 0.0
-        return time.time() - max(self.started_at, shown) > stall_limit
+        return time.time() - max(self.started_at, self.progress_seen) > stall_limit
 
     def died(self, code: int) -> None:
         self.process = None

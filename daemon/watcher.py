@@ -38,7 +38,7 @@ from watchdog.observers.polling import PollingObserver
 from fixative.daemon.inbox_filter import WatcherConfigError, check_folders, ignore_reason, refusal_reason, skip_folder
 from fixative.daemon.settings import Settings
 from fixative.daemon.stability import Settled, StabilityTracker
-from fixative.daemon.liveness import watcher_name
+from fixative.daemon.liveness import daemon_id, watcher_name
 from fixative.daemon.store import JobStore, StoreUnavailable, open_store
 from fixative.daemon.store_wait import RETRY_SECONDS, StoreWait
 
@@ -96,6 +96,7 @@ class _Watcher:
     def __init__(self, settings: Settings, store: JobStore, inbox: Path) -> None:
         self.inbox = inbox
         self.store = store
+        self.name = watcher_name(daemon_id(settings))
         self.options = settings.engine  # stored on each job: the engine protects with these
         self.rescan_seconds = settings.watcher.rescan_seconds
         self.tick_seconds = min(TICK_SECONDS, settings.watcher.stability_seconds / 2)
@@ -127,7 +128,7 @@ class _Watcher:
                     self.admit(settled)
                 status = self.status_text()
                 if now >= next_beat or status != last_status:
-                    self.store.beat(watcher_name(), status)
+                    self.store.beat(self.name, status)
                     next_beat, last_status = now + HEARTBEAT_SECONDS, status
             except StoreUnavailable as error:
                 self.store_wait.waiting(error)
@@ -299,5 +300,5 @@ def run_watcher(settings: Settings, stop: threading.Event) -> int:
             # heartbeat goes stale. Suppressed: if the database is what failed,
             # that error is the one to report, not this one.
             with suppress(Exception):
-                store.beat(watcher_name(), "stopped")
+                store.beat(watcher.name, "stopped")
             log.info("watcher.stopped")

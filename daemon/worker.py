@@ -14,13 +14,20 @@ decides what each kind of failure means:
   image cannot loop forever;
 * out of memory: retried once (another program may have held the memory),
   and failed for good with the reason if it runs out again;
+* an output that can never be written (a name over 255 bytes, a file inside
+  the export folder in the way of its folder): failed for good, with the
+  reason, before any GPU time;
 * the machine's fault (export folder unwritable, disk full): the job goes back
   to the queue *without* using an attempt, ``fixative status`` shows why, and
-  the worker pauses before claiming again, so the work resumes by itself once
-  the folder is fixed;
+  it waits out a pause that doubles while the fault lasts; the other jobs
+  pass it meanwhile. Met again with nothing delivered since, the fault is
+  everyone's, and the worker pauses too. The work resumes by itself once the
+  folder is fixed;
 * nobody's fault: the original changed since it was queued (a slow copy that
   paused longer than the settle time). The job is superseded, not failed; the
-  watcher queues the new content once it settles.
+  watcher queues the new content once it settles. An original that is gone
+  hands its job over to a copy under another name (a rename in the inbox), and
+  fails without one.
 
 Each job is protected with the options stored on its row when it was queued,
 not with the config file as it reads now: the row's fingerprint must describe its output.
@@ -31,7 +38,11 @@ batch), each under its own lease. Each original is read and decoded alone, and
 fails alone; the rest are grouped by ``fixative.engine.protect.batch_key`` (one
 working size) and each group is protected as one batch. Every policy above
 applies to each job alone, except that a group of several that runs out of
-memory is protected again one image at a time, without using an attempt.
+memory is protected again one image at a time, without using an attempt. A job
+that used an attempt before (``Job.retried``: its engine died, or it failed) is
+claimed alone, and each group records its start before its first step, so that
+a crash costs an attempt only to the group that was running
+(``JobStore.release_owner``).
 
 Importing this module does not import torch; :func:`run_worker` does, through
 the engine, which turns running out of memory into ``OutOfMemory``.
@@ -49,15 +60,15 @@ from typing import Any
 
 import structlog
 
-from fixative.daemon.files import MachineError, SourceChanged, check_writable, read_queued
-from fixative.daemon.liveness import engine_name, new_owner
+from fixative.daemon.files import MachineError, SourceChanged, SourceGone, read_queued
+from fixative.daemon.liveness import daemon_id, engine_name, new_owner
 from fixative.daemon.model_cache import ModelCache, job_options
 from fixative.daemon.notify import notify
-from fixative.daemon.placement import archive, choose_output, export_folder, write_output
+from fixative.daemon.placement import archive, choose_output, write_output
 from fixative.daemon.pulse import Pulse
 from fixative.daemon.settings import EX_CONFIG, Settings
 from fixative.daemon.store import Job, JobStore, StoreUnavailable, open_store
-from fixative.daemon.store_wait import RETRY_SECONDS, until_written
+from fixative.daemon.store_wait import RETRY_SECONDS, until_answered, until_written
 from fixative.engine.errors import EngineError, OutOfMemory  # plain exceptions: no torch
 from fixative.engine.options import EngineOptions
 
@@ -89,7 +100,7 @@ class Worker:
         self.settings, self.store, self.stop = settings, store, stop
         # `fixative run` chooses the owner, so that it can release this engine's job the moment it sees it die.
         self.owner = owner or new_owner()
-        self.name = engine_name(label or settings.engine.device)
+        self.name = engine_name(label or settings.engine.device, daemon_id(settings))
         self.pulse = Pulse(store, settings, self.owner, self.name)
         self.pause_seconds = settings.worker.retry_backoff_seconds
         self.machine_error: str | None = None  # the last one met by the jobs of this claim: pause after them
@@ -102,6 +113,7 @@ class Worker:
         self.pulse.start()
         last_words = "stopped"
         try:
+            self.pulse.check_clock()
             try:
                 self.model = self.models.load(self.settings.engine)
             except EngineError as error:
@@ -136,7 +148,7 @@ class Worker:
             self.rest(IDLE_POLL_SECONDS, "idle")
             return
         jobs = [job]
-        if self.settings.batch_size > 1 and job.fingerprint is not None:
+        if self.settings.batch_size > 1 and job.fingerprint is not None and not job.retried:
             jobs += self.store.claim_more(self.owner, lease, job.fingerprint, self.settings.batch_size - 1,
                                           engine=self.name)
         self.handle(jobs)
@@ -168,7 +180,9 @@ class Worker:
         if self.machine_error is not None:
             # Once per claim, however many of its jobs met it: the folder is the same.
             log.warning("engine.machine_error", error=self.machine_error, pause_seconds=self.pause_seconds)
-            self.rest(self.pause_seconds, f"waiting {self.pause_seconds:.0f}s: {self.machine_error}")
+            if self.pause_seconds > self.settings.worker.retry_backoff_seconds:
+                # Met before, and no image delivered since (deliver() resets the pause): the machine's, not a job's.
+                self.rest(self.pause_seconds, f"waiting {self.pause_seconds:.0f}s: {self.machine_error}")
             self.pause_seconds = min(self.pause_seconds * 2, MAX_PAUSE_SECONDS)
 
     def groups(self, ready: list[_Ready]) -> list[list[_Ready]]:
@@ -195,7 +209,8 @@ class Worker:
         if not group:
             return
         jobs = [each.job for each in group]
-        self.pulse.start_group(jobs)
+        # Before the first step: should this group kill the engine, it alone pays the attempt (JobStore.release_owner).
+        until_written(lambda: self.pulse.start_group(jobs), None, stop=self.stop, pause=self.wait_for_store)
         too_big: OutOfMemory | None = None
         try:
             with structlog.contextvars.bound_contextvars(job_ids=[job.id for job in jobs]):
@@ -235,6 +250,8 @@ class Worker:
             else:
                 self.store.release(job.id, self.owner)
                 log.info("engine.job_released", reason="stopping")
+        elif isinstance(error, SourceGone):
+            self.gone(job, error)
         elif isinstance(error, OutOfMemory):
             # Once more at most: a 100-megapixel image that runs out every time must not block the queue max_attempts times.
             self.failed(job, str(error), permanent=job.attempts > 1)
@@ -245,16 +262,23 @@ class Worker:
             log.info("job.superseded", reason=str(error))
         elif isinstance(error, MachineError):
             # No "(will retry)" here: a queued job's error is shown as one that will be retried.
-            self.store.release(job.id, self.owner, error=str(error))
+            self.store.release(job.id, self.owner, error=str(error), retry_after_seconds=self.pause_seconds)
             self.machine_error = str(error)
         else:  # a bug or a library failure: retried, but only max_attempts times
             log.error("engine.unexpected_error", exc_info=error)
             self.failed(job, f"{type(error).__name__}: {error}", permanent=False)
 
+    def gone(self, job: Job, error: SourceGone) -> None:
+        """The original was moved or deleted since it was queued: its copy under another name takes the job, if any."""
+        heir = self.store.hand_over(job.id, self.owner, str(error))
+        if heir is None:
+            self.failed(job, str(error), permanent=True)
+        else:
+            log.info("job.handed_over", reason=str(error), to_job_id=heir.id, to_path=heir.relative_path)
+
     def release_waiting(self) -> None:
         """On a stop: give back at once every held job whose group has not started."""
-        running = {job.id for job in self.pulse.running}
-        for job in [job for job in self.pulse.held.values() if job.id not in running]:
+        for job in self.pulse.waiting():
             with _about(job):
                 self.settle(job, _Stop())
 
@@ -287,19 +311,25 @@ class Worker:
         data = read_queued(source, job.sha256, self.settings.inbox)  # decoded as read: nothing can be swapped in between
         options = job_options(self.settings, job)
         self.model = self.models.load(options)
-        check_writable(export_folder(self.settings, job))  # before minutes of GPU time, not after
+        # Before minutes of GPU time, not after: a folder to write in, and a name that can be written.
+        self.output_for(job, options)  # chosen for good after the protection (deliver)
         return _Ready(job, decode_image(data, str(source)), options)
 
-    def deliver(self, ready: _Ready, protected: Any, *, batch: int, started: float) -> None:
-        """Write a protected image (an ``fixative.engine.protect.Protected``), record it done, and archive its original."""
-        from fixative.engine.imaging import OUTPUT_FORMATS
+    def output_for(self, job: Job, options: EngineOptions) -> Path:
+        """Where ``job``'s output goes now (``placement.choose_output``), waiting out the job table."""
+        return until_answered(lambda: choose_output(self.store, self.settings, job, options.format), stop=self.stop,
+                              pause=self.wait_for_store)
 
+    def deliver(self, ready: _Ready, protected: Any, *, batch: int, started: float) -> None:
+        """Write a protected image (an ``fixative.engine.protect.Protected``), record it done, and archive its original.
+
+        Every call to the job table here waits it out: minutes of work must not be lost to a blip.
+        """
         job = ready.job
         # Chosen now, one job at a time, not before the batch ran: two jobs of one
         # batch (a.png and a.jpg) must not both find "a.png" free.
-        output = choose_output(self.store, self.settings, job, OUTPUT_FORMATS[ready.options.format])
+        output = self.output_for(job, ready.options)
         output_sha256 = hashlib.sha256(protected.data).hexdigest()
-        # Waiting out the job table, here and below: minutes of work must not be lost to a blip.
         if not until_written(lambda: self.store.plan_output(job.id, self.owner, output, output_sha256), None,
                              stop=self.stop, pause=self.wait_for_store):
             self.pulse.lost.add(job.id)
@@ -318,7 +348,7 @@ class Worker:
         figures = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         log.info("job.done", **{**figures, "output": str(output), "job_seconds": round(time.monotonic() - started, 1)})
         if self.settings.after == "archive":
-            archive(self.store, self.settings, job)
+            until_answered(lambda: archive(self.store, self.settings, job), stop=self.stop, pause=self.wait_for_store)
 
     def on_progress(self, step: int, total: int, loss: float) -> None:
         """Called by the engine after every PGD step of the running group; raising here abandons the group."""

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -82,6 +83,31 @@ class Cluster:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url(name)
+
+    def role(self, name: str, password: str, *, owns: str | None = None) -> None:
+        """A login role whose password the server checks (scram, where every other role is trusted).
+
+        ``owns``: a new database of that name, owned by the role, as the README's
+        ``createdb --owner`` makes it.
+        """
+        import psycopg
+        from psycopg import sql
+
+        hba = self.data / "pg_hba.conf"  # the first line that matches decides
+        hba.write_text(f"host all {name} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
+            if owns:
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(owns), sql.Identifier(name)))
+            conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the reload is asynchronous: until it lands, the role is trusted
+            try:
+                psycopg.connect(f"postgresql://{name}@127.0.0.1:{self.port}/postgres").close()
+            except psycopg.OperationalError:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"pg_hba.conf was not reloaded: {name} still gets in without a password")
 
     def remove(self) -> None:
         with contextlib.suppress(RuntimeError):  # already stopped

@@ -47,8 +47,9 @@ def test_an_engine_protects_same_size_same_settings_jobs_in_batches_and_each_fai
     7-10: 7, 8 (wide) and 10 share settings, 9 has others (its seed): 7 and 10 run
           as a batch of 2, 8 alone (another size), 9 alone (other settings).
     11-13: one batch's claim: 11 is no image, 12's export folder has a file in its
-           way; only those fail or wait (11 failed for good, 12 back in the queue
-           without using an attempt), and 13 is done.
+           way; only those fail, each for good with its own reason, before any
+           GPU time, and 13 is done. 12 is done once the file is moved and the
+           job retried.
     """
     daemon = Daemon(tmp_path, tiny_model, FIXATIVE_ENGINE__BATCH_SIZE="3")  # its config; `fixative engine` alone
     root, inbox, export, store = tmp_path, daemon.inbox, daemon.export, daemon.store
@@ -69,11 +70,13 @@ def test_an_engine_protects_same_size_same_settings_jobs_in_batches_and_each_fai
         engine = subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "engine"], env=daemon.env, cwd=REPO,
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: store.get(good).state == "done" and store.get(bad).state == "failed"
-                 and "cannot write in the export folder" in (store.get(blocked).error or ""), "the 13 jobs to end")
+        ids = [*same, *mixed, bad, blocked, good]
+        wait_for(lambda: all(store.get(job_id).state in ("done", "failed") for job_id in ids), "the 13 jobs to end")
         held_back = store.get(blocked)
-        assert (held_back.state, held_back.attempts) == ("queued", 0)
-        (export / "blocked").unlink()  # fixed: the engine resumes by itself, after its pause
+        assert (held_back.state, held_back.progress_step) == ("failed", None)
+        assert f"the file {export / 'blocked'} is in the way" in held_back.error
+        (export / "blocked").unlink()  # what its reason says: move the file, then retry
+        assert store.retry(blocked) == 1
         wait_for(lambda: store.get(blocked).state == "done", "the unblocked job")
         engine.send_signal(signal.SIGTERM)
         assert engine.wait(timeout=60) == 0
@@ -103,7 +106,7 @@ def test_kill_9_mid_batch_puts_every_job_of_the_batch_back_and_status_shows_each
     The waiting job's lease is renewed too (5 s leases, watched for longer),
     status lists all three as running on the engine, and after kill -9 of the
     engine all three are queued again at once (the supervisor's release_owner),
-    the fourth never claimed.
+    the fourth never claimed. Only the group that was running pays the attempt.
     """
     # Steps enough that the batch is still running when killed, and would not finish on a SIGTERM either.
     daemon = Daemon(tmp_path, tiny_model, FIXATIVE_ENGINE__STEPS="5000", FIXATIVE_ENGINE__BATCH_SIZE="3")
@@ -132,12 +135,66 @@ def test_kill_9_mid_batch_puts_every_job_of_the_batch_back_and_status_shows_each
         os.kill(daemon.beat(ENGINE)["pid"], signal.SIGKILL)
         daemon.wait_for(lambda: all(daemon.store.get(job_id).state == "queued" for job_id in ids), "the batch back",
                         timeout=5)
-        assert [daemon.store.get(job_id).attempts for job_id in ids] == [1, 1, 1, 0]  # none lost, none done twice
+        assert [daemon.store.get(job_id).attempts for job_id in ids] == [1, 1, 0, 0]  # none lost, none done twice
     finally:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.process.kill()
             daemon.process.wait()
         daemon.store.close()
+
+
+def test_an_image_that_kills_the_engine_fails_alone_and_its_batch_mates_are_protected(tmp_path, tiny_model) -> None:
+    """`fixative run`, batch_size 4, its engine killed (kill -9) whenever job 1 is being protected, 3 times.
+
+    The first claim takes jobs 1-4: 1-3 (one size) run as a group while 4
+    (wide) waits for its turn, so the first kill costs 1-3 an attempt and not
+    4. From then on 1-3 are each claimed alone: the next kills cost job 1
+    only, which fails after its 3 attempts, and 2 and 3 are protected alone
+    on their second attempt; 4 and 5 on their first.
+    """
+    daemon = Daemon(tmp_path, tiny_model, FIXATIVE_ENGINE__STEPS="200", FIXATIVE_ENGINE__BATCH_SIZE="4")
+    try:
+        options = load_settings(daemon.config).engine.model_copy(update={"steps": 200})  # what the watcher queues
+        ids = [enqueue(daemon.store, daemon.inbox, "1.png", png_bytes(1), options),
+               enqueue(daemon.store, daemon.inbox, "2.png", png_bytes(2), options),
+               enqueue(daemon.store, daemon.inbox, "3.png", png_bytes(3), options),
+               enqueue(daemon.store, daemon.inbox, "wide.png", png_bytes(4, *WIDE), options),
+               enqueue(daemon.store, daemon.inbox, "5.png", png_bytes(5), options)]
+        daemon.start()
+        killed: list[int] = []
+
+        def protecting_job_1() -> int | None:
+            """The pid of the engine protecting job 1 now: a live child of `fixative run` not killed yet."""
+            beat, job = daemon.beat(ENGINE), daemon.store.get(ids[0])
+            if beat is None or beat["pid"] in killed or job.state != "running" or job.progress_step is None:
+                return None
+            return beat["pid"] if _parent(beat["pid"]) == daemon.process.pid else None
+
+        for kill in range(3):
+            killed.append(daemon.wait_for(protecting_job_1, f"job 1 protected, time {kill + 1}", timeout=120))
+            os.kill(killed[-1], signal.SIGKILL)
+            if kill == 0:
+                daemon.wait_for(lambda: all(daemon.store.get(job_id).state == "queued" for job_id in ids),
+                                "the batch back", timeout=10)
+                assert [daemon.store.get(job_id).attempts for job_id in ids] == [1, 1, 1, 0, 0]
+        daemon.wait_for(lambda: daemon.finished(len(ids)), "every job to end", timeout=240)
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+    jobs = [daemon.store.get(job_id) for job_id in ids]
+    daemon.store.close()
+    assert (jobs[0].state, jobs[0].attempts) == ("failed", 3)
+    assert jobs[0].error.startswith("gave up after 3 attempts: the engine died while working on it (killed by SIGKILL)")
+    assert [(job.state, job.attempts, job.metrics.get("batch")) for job in jobs[1:]] == [
+        ("done", 2, 1), ("done", 2, 1), ("done", 1, 1), ("done", 1, 1)]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 @pytest.fixture

@@ -152,3 +152,37 @@ def test_the_verdict_does_not_claim_what_the_run_cannot_show():
     text = "\n".join(verdict(report))
     assert "learned 50% of what the clean LoRA learned" in text
     assert "no closer to your originals in style statistics" in text and "in colour than" in text
+
+
+def test_copies_made_now_mirror_the_originals_and_are_accepted_as_protected(tmp_path: Path, config: Path):
+    """a/x.png and b/x.png, y.png and y.jpg: four originals, four copies, none taking another's name."""
+    folder = tmp_path / "works"
+    for n, name in enumerate(("a/x.png", "b/x.png", "y.png", "y.jpg")):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(painting(256, 256, seed=60 + n)).save(folder / name, quality=95)
+    out = tmp_path / "out"
+    assert check(tmp_path, config, str(folder), "--steps", "2", "--guidance", "1") == 0
+    copies = sorted(p.relative_to(out / "protected").as_posix() for p in (out / "protected").rglob("*") if p.is_file())
+    made = {"a/x.png": "a/x.png", "b/x.png": "b/x.png", "y.jpg": "y.jpg.png", "y.png": "y.png"}
+    assert copies == sorted(made.values())
+    for name, copy in made.items():  # each the protected copy of its own original
+        original = np.array(Image.open(folder / name).convert("RGB")).astype(int)
+        delta = np.abs(np.array(Image.open(out / "protected" / copy)).astype(int) - original)
+        assert 0 < delta.max() <= 8, name
+
+    # That folder is what --protected takes.
+    again = main(["--config", str(config), "check", str(folder), "--protected", str(out / "protected"),
+                  "--steps", "2", "--guidance", "1", "-o", str(tmp_path / "again")])
+    assert again == 0
+    assert json.loads((tmp_path / "again" / "check.json").read_text())["protected"] == str(out / "protected")
+
+
+def test_two_originals_whose_copies_would_share_a_name_are_refused(tmp_path: Path, config: Path, capsys):
+    """y.jpg's copy is y.jpg.png: beside an original of that very name, one would overwrite the other."""
+    folder = tmp_path / "works"
+    folder.mkdir()
+    for n, name in enumerate(("y.jpg", "y.jpg.png")):
+        Image.fromarray(painting(256, 256, seed=70 + n)).save(folder / name)
+    assert check(tmp_path, config, str(folder)) == 1
+    assert "would both have their protected copy saved as" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

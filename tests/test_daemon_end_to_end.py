@@ -300,6 +300,40 @@ def test_a_file_that_changes_after_it_was_queued_is_queued_again_not_failed(daem
     assert daemon.outputs() == ["slow.png"]
 
 
+def test_a_file_renamed_before_it_is_protected_is_protected_under_its_new_name(daemon: Daemon, tmp_path: Path) -> None:
+    """``mv a.png b.png`` while a.png waits in the queue: b.png is recorded as a skipped copy of a.png's job, and
+    that job, finding a.png gone, hands over to it. Moved away before its copy arrives (the engine got there first),
+    the job fails as gone, and ``fixative retry`` then protects the copy."""
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fixative.daemon.cli", *args], env=daemon.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=60, check=True)
+
+    inbox, elsewhere = daemon.inbox, tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (inbox / "a.png").write_bytes(png_bytes(61))
+    cli("enqueue", str(inbox / "a.png"))
+    (inbox / "a.png").rename(inbox / "b.png")
+    cli("enqueue", str(inbox / "b.png"))  # what the watcher records for the new name
+    (inbox / "c.png").write_bytes(png_bytes(62))
+    cli("enqueue", str(inbox / "c.png"))
+    (inbox / "c.png").rename(elsewhere / "c.png")  # out of the inbox before its engine came
+    daemon.start()
+    daemon.wait_for(lambda: daemon.finished(2), "the jobs to end")  # a.png's superseded: not counted
+    [a], [b], [c] = (daemon.jobs_for(name) for name in ("a.png", "b.png", "c.png"))
+    assert (b.state, b.output_path) == ("done", str(daemon.export / "b.png")), (a.state, a.error, b.state)
+    assert a.state == "superseded" and "a.png is gone" in a.error and "its copy b.png" in a.error
+    assert c.state == "failed" and "c.png is gone" in c.error
+
+    (elsewhere / "c.png").rename(inbox / "d.png")  # moved back under another name: a copy of the failed job
+    [d] = daemon.wait_for(lambda: daemon.jobs_for("d.png"), "the watcher to record d.png")
+    assert (d.state, d.duplicate_of) == ("skipped", c.id)
+    assert "queued again: 1 job(s)" in cli("retry", "--failed").stdout
+    daemon.wait_for(lambda: daemon.jobs_for("d.png")[0].state == "done", "d.png protected")
+    assert daemon.store.get(c.id).state == "superseded" and daemon.status()["failures"] == []
+    assert daemon.stop() == 0
+    assert daemon.outputs() == ["b.png", "d.png"]
+
+
 def _make_unwritable(export: Path) -> tuple[Callable[[], None], str]:
     """Make the export folder unwritable for real; returns the fix and the reason the engine should give.
 

@@ -69,3 +69,12 @@ logging.getLogger("diffusers.models").warning("library says %s", "hi")
     ours, library = (json.loads(line) for line in done.stderr.splitlines())
     assert (ours["event"], ours["job_id"], ours["level"]) == ("job.done", 3, "info")
     assert (library["event"], library["logger"], library["level"]) == ("library says hi", "diffusers.models", "warning")
+
+
+def test_a_field_cannot_add_lines_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file name in a STATUS, newline and all: systemd reads one assignment a line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(tmp_path / "notify"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        assert notify("STATUS=protecting a\nMAINPID=1\n\x1b[2J.png")
+        assert listener.recv(4096).decode() == r"STATUS=protecting a\nMAINPID=1\n\x1b[2J.png"

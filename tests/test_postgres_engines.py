@@ -61,13 +61,20 @@ def queue_when_ready(root: Path, store: JobStore, *machines: str) -> None:
         store.enqueue(path, options, inbox=root / "inbox")
 
 
-def start_engine(root: Path, machine: str) -> subprocess.Popen:
+def start_engine(root: Path, machine: str, *, clock_behind_seconds: float = 0) -> subprocess.Popen:
+    """``clock_behind_seconds``: the machine's wall clock is that far behind the others' and the server's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FIXATIVE_", "NOTIFY_", "WATCHDOG_"))}
     env.update(HOME=str(root), FIXATIVE_CONFIG=str(root / "config.toml"), OMP_NUM_THREADS="1",
                FIXATIVE_STATE_DIR=str(root / machine))  # each machine's own state folder
+    command = [sys.executable, "-m", "fixative.daemon.cli", "engine"]
+    if clock_behind_seconds:
+        # One process's clock cannot be set back without libfaketime, nor the machine's without moving every
+        # other process's: the engine's Python reads the wall clock through time.time, so that is moved.
+        command[1:3] = ["-c", f"import runpy, sys, time; real = time.time; time.time = lambda: real() - "
+                              f"{clock_behind_seconds}; sys.argv[0] = 'fixative'; "
+                              "runpy.run_module('fixative.daemon.cli', run_name='__main__')"]
     with open(root / f"{machine}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "fixative.daemon.cli", "engine"], env=env, cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 180) -> object:
@@ -152,3 +159,56 @@ def test_an_engine_waits_out_a_database_restart_and_loses_nothing(shared, postgr
     log = (root / "a.log").read_text()
     assert "engine.store_resumed" in log and "Traceback" not in log, log[-3000:]
     assert sorted(done_ids(root, "a")) == sorted(job.id for job in store.jobs("done"))
+
+
+def test_a_database_away_when_a_protection_ends_is_waited_out_and_the_image_kept(shared, postgres_cluster) -> None:
+    """The server stops mid-protection and is still away when the protection ends, where the output's name is
+    chosen: the engine waits there, keeping its lease, and records the image on the same attempt once it is back."""
+    root, store = shared
+    engine = start_engine(root, "a")
+    try:
+        wait_for(lambda: "engine.ready" in (root / "a.log").read_text(), "the engine to load")
+        options = load_settings(root / "config.toml").engine.model_copy(update={"steps": 300})
+        job = store.enqueue(root / "inbox" / "0.png", options, inbox=root / "inbox")
+        wait_for(lambda: store.get(job.id).progress_step, "the protection to be under way")
+        postgres_cluster.stop()
+        wait_for(lambda: _idle(engine.pid), "the protection to end while the server is away")
+        postgres_cluster.start()
+        wait_for(lambda: store.get(job.id).state == "done", "the image to be recorded")
+    finally:
+        stop(engine)
+    assert store.get(job.id).attempts == 1  # not protected a second time
+    assert done_ids(root, "a") == [job.id]
+    assert sorted(p.name for p in (root / "export").iterdir()) == ["0.png"]
+
+
+def _idle(pid: int, seconds: float = 2.0) -> bool:
+    """Whether process ``pid`` used next to no CPU for ``seconds``: its protection is over."""
+    def used() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    before = used()
+    time.sleep(seconds)
+    return used() - before < 0.1 * seconds
+
+
+def test_an_engine_whose_clock_is_behind_says_so_at_start_and_when_it_loses_a_lease(shared) -> None:
+    """Its leases are expiry times by its own clock, 400 s behind: the other engine finds each one expired and
+    takes the job. The work gets done, and the slow engine's log says why it lost its jobs."""
+    root, store = shared
+    engines = {"behind": start_engine(root, "behind", clock_behind_seconds=400), "b": start_engine(root, "b")}
+    try:
+        wait_for(lambda: all("engine.ready" in (root / f"{m}.log").read_text() for m in engines), "the engines to load")
+        options = load_settings(root / "config.toml").engine.model_copy(update={"steps": 100})
+        for path in sorted((root / "inbox").iterdir()):
+            store.enqueue(path, options, inbox=root / "inbox")
+        wait_until_ended(store)
+    finally:
+        stop(*engines.values())
+    events = [json.loads(line) for line in (root / "behind.log").read_text().splitlines() if line.startswith("{")]
+    [skew] = [event for event in events if event["event"] == "engine.clock_skew"]
+    assert 390 < skew["skew_seconds"] < 410 and "400 s behind the database server's" in skew["problem"]
+    lost = [event for event in events if event["event"] == "engine.lease_expired"]
+    assert lost and all("clock is behind" in event["problem"] for event in lost)
+    assert not [line for line in (root / "b.log").read_text().splitlines() if "engine.clock_skew" in line]

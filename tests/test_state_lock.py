@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -136,3 +137,22 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_the_state_folder_and_what_it_holds_are_private_whatever_the_umask(env, tmp_path: Path) -> None:
+    """Under the usual umask 022, the job table, every file name and error in it, was readable by every local user."""
+    state, log = tmp_path / "state", tmp_path / "watch.log"
+    old = os.umask(0o022)  # the child inherits it
+    try:
+        watcher = start(env, "watch", log)
+    finally:
+        os.umask(old)
+    try:
+        # The write-ahead log appears with the first write: the watcher's first beat.
+        wait_for(lambda: (state / "jobs.db-wal").exists(), "the watcher to write", watcher, log)
+        modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode))
+                 for path in (state, state / LOCK_FILE, state / "jobs.db", state / "jobs.db-wal", state / "jobs.db-shm")}
+        assert modes == {"state": "0o700", LOCK_FILE: "0o600", "jobs.db": "0o600", "jobs.db-wal": "0o600",
+                         "jobs.db-shm": "0o600"}
+    finally:
+        assert stop(watcher) == 0

@@ -174,3 +174,23 @@ def test_each_machine_s_watcher_beats_under_its_own_name(env: dict[str, str], tm
     store.backend.execute("DELETE FROM processes WHERE name = :name", {"name": watcher_name()})
     report = json.loads(fixative(env, "status", "--json").stdout)
     assert report["processes"]["watcher"]["alive"] is True and report["processes"]["watcher"]["status"] == "watching"
+
+
+HOSTILE = "a\nWATCHDOG=trigger\nMAINPID=1\n\x1b[2J.png"  # a name that tries to add assignments and clear the screen
+
+
+def test_a_file_name_with_control_characters_is_shown_escaped(env: dict[str, str], tmp_path: Path) -> None:
+    """Printed raw, a newline in a name splits a job across lines and an escape sequence repaints the terminal."""
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    (tmp_path / "inbox" / HOSTILE).write_bytes(b"pixels")
+    store.enqueue(tmp_path / "inbox" / HOSTILE, EngineOptions(), inbox=tmp_path / "inbox")
+    job = store.claim("owner", 60, engine=ENGINE)
+    store.heartbeat(job.id, "owner", 60, step=1, total=10)
+    store.beat("watcher", "watching")
+    # As an engine of another version, or on another machine, may have written it.
+    store.beat(ENGINE, f"protecting {HOSTILE} 10%", device="auto")
+    text = fixative(env, "status").stdout
+    assert "\x1b" not in text
+    assert not [line for line in text.splitlines() if line.startswith(("WATCHDOG=", "MAINPID=", "\x1b"))]
+    assert r"protecting a\nWATCHDOG=trigger\nMAINPID=1\n\x1b[2J.png 10%" in text.splitlines()[0]
+    assert r"now: a\nWATCHDOG=trigger\nMAINPID=1\n\x1b[2J.png 1/10" in text

@@ -10,8 +10,10 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 from importlib import import_module
+import os
 import re
 import socket
+import stat
 import time
 import tomllib
 from pathlib import Path
@@ -313,6 +315,89 @@ def test_a_dead_engines_job_is_released_with_its_attempt_counted(store: JobStore
     assert store.claim("new-engine", 60).id == job.id
 
 
+@pytest.mark.parametrize("found", ["released", "expired"])
+def test_a_dead_engines_batch_costs_an_attempt_only_to_the_group_it_was_protecting(store: JobStore, inbox: Path,
+                                                                                   found: str) -> None:
+    """Released by ``fixative run``, or found with an expired lease by the next claim, alike."""
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        store.enqueue(drop(inbox, name, name.encode()), OPTIONS)
+    lease = 300 if found == "released" else -1
+    first = store.claim("dead-engine", lease)
+    batch = [first, *store.claim_more("dead-engine", lease, first.fingerprint, 2)]
+    assert store.start_group([job.id for job in batch[:2]], "dead-engine", lease)  # the third waits for its turn
+    if found == "released":
+        assert store.release_owner("dead-engine", "the engine died while working on it (killed by SIGKILL)")
+    again = store.claim("engine", 60)
+    assert [store.get(job.id).attempts for job in batch] == [2, 1, 0]  # a, claimed again now; b; c
+    # a and b paid, and are claimed alone from now on; c and d can share a batch.
+    assert again.relative_path == "a.png" and again.retried
+    assert [job.relative_path for job in store.claim_more("engine", 60, OPTIONS.fingerprint(), 3)] == ["c.png", "d.png"]
+
+
+def test_a_dead_engines_jobs_all_pay_when_no_group_had_started(store: JobStore, inbox: Path) -> None:
+    """One of them may have killed it while it was read or decoded."""
+    for name in ("a.png", "b.png"):
+        store.enqueue(drop(inbox, name, name.encode()), OPTIONS)
+    first = store.claim("dead-engine", 300)
+    batch = [first, *store.claim_more("dead-engine", 300, first.fingerprint, 1)]
+    assert store.release_owner("dead-engine", "died")
+    assert [store.get(job.id).attempts for job in batch] == [1, 1]
+    again = store.claim("engine", 60)
+    assert again.retried and store.claim_more("engine", 60, again.fingerprint, 1) == []  # alone, as is b after it
+
+
+def test_a_job_released_with_a_delay_is_passed_by_the_others(store: JobStore, inbox: Path) -> None:
+    a = store.enqueue(drop(inbox, "a.png", b"a"), OPTIONS)
+    b = store.enqueue(drop(inbox, "b.png", b"b"), OPTIONS)
+    assert store.claim("engine", 60).id == a.id
+    assert store.release(a.id, "engine", error="cannot write in the export folder", retry_after_seconds=0.3)
+    assert store.claim("engine", 60).id == b.id
+    assert store.claim("engine", 60) is None
+    time.sleep(0.35)
+    assert (job := store.claim("engine", 60)).id == a.id and job.attempts == 1
+
+
+def test_a_job_whose_original_is_gone_hands_over_to_its_copy(store: JobStore, inbox: Path) -> None:
+    a = store.enqueue(drop(inbox, "a.png", b"same"), OPTIONS)
+    b = store.enqueue(drop(inbox, "b.png", b"same"), OPTIONS)
+    lone = store.enqueue(drop(inbox, "c.png", b"other"), OPTIONS)
+    assert (b.state, b.duplicate_of) == ("skipped", a.id)
+    assert store.claim("engine", 60).id == a.id
+    assert store.hand_over(a.id, "another-engine", "a.png is gone") is None  # not its job
+    heir = store.hand_over(a.id, "engine", "a.png is gone")
+    assert (heir.id, heir.state, heir.duplicate_of) == (b.id, "queued", None)
+    retired = store.get(a.id)
+    assert retired.state == "superseded" and retired.error == "a.png is gone; its copy b.png (job #2) is protected instead"
+    assert store.claim("engine", 60).id == b.id
+    assert store.claim("engine", 60).id == lone.id
+    assert store.hand_over(lone.id, "engine", "c.png is gone") is None  # no copy: the engine fails it
+    assert store.get(lone.id).state == "running"
+
+
+def test_a_file_renamed_twice_before_it_is_protected_reaches_its_last_name(store: JobStore, inbox: Path) -> None:
+    """``mv a.png b.png; mv b.png c.png``: a.png's job passes to b.png, which is gone too, and on to c.png."""
+    a = store.enqueue(drop(inbox, "a.png", b"same"), OPTIONS)
+    (inbox / "a.png").rename(inbox / "b.png")
+    b = store.enqueue(inbox / "b.png", OPTIONS)
+    (inbox / "b.png").rename(inbox / "c.png")
+    c = store.enqueue(inbox / "c.png", OPTIONS)
+    assert (b.duplicate_of, c.duplicate_of) == (a.id, a.id)
+    assert store.claim("engine", 60).id == a.id
+    assert store.hand_over(a.id, "engine", "a.png is gone").id == b.id
+    assert store.claim("engine", 60).id == b.id
+    assert store.hand_over(b.id, "engine", "b.png is gone").id == c.id  # not back to a.png's job
+    assert store.claim("engine", 60).id == c.id
+    assert [store.get(job.id).state for job in (a, b, c)] == ["superseded", "superseded", "running"]
+
+
+def test_the_clock_skew_is_measured_against_a_postgresql_server(store: JobStore) -> None:
+    skew = store.clock_skew()
+    if isinstance(store.location, Path):
+        assert skew is None  # SQLite: the table is on this machine
+    else:
+        assert abs(skew) < 1  # the test server runs on this machine's clock
+
+
 def test_counts_always_name_every_state(store: JobStore) -> None:
     assert store.counts() == dict.fromkeys(STATES, 0)
 
@@ -430,3 +515,15 @@ def test_the_sqlite_utils_floor_is_a_version_the_store_works_with() -> None:
     floor = next(re.fullmatch(r"sqlite-utils>=(\d+)\.(\d+).*", d) for d in pyproject["project"]["dependencies"]
                  if d.startswith("sqlite-utils"))
     assert floor is not None and int(floor.group(1)) >= 4
+
+
+def test_a_job_table_from_before_is_made_private_when_opened(tmp_path: Path) -> None:
+    """A table an earlier fixative made under umask 022: 0644 in a 0755 folder, until it is next opened."""
+    store = JobStore(tmp_path / "state" / "jobs.db")
+    store.beat("watcher")
+    store.close()
+    os.chmod(tmp_path / "state", 0o755)
+    os.chmod(tmp_path / "state" / "jobs.db", 0o644)
+    JobStore(tmp_path / "state" / "jobs.db").close()
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "state" / "jobs.db").stat().st_mode) == 0o600

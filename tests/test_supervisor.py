@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fixative.daemon.liveness import engine_name
+from fixative.daemon.store import JobStore
 from test_daemon_end_to_end import REPO, Daemon, png_bytes
 
 FIRST, SECOND = engine_name("cpu"), engine_name("cpu#2")
@@ -149,3 +151,47 @@ def test_an_engine_whose_device_does_not_exist_stops_alone_and_says_why(two_engi
     assert text.startswith("fixative is DEGRADED (1 of 2 engines working)")
     assert "  engine cuda:5 (pid " in text and "stopped (" in text
     assert daemon.stop() == 0
+
+
+def test_two_daemons_on_one_host_and_one_job_table_each_judge_only_their_own_engine(tmp_path: Path, tiny_model: Path,
+                                                                                      postgres_url: str) -> None:
+    """Two ``fixative run`` on one host (two users, or two cloned machines), each with its own state folder.
+
+    Under one ``engine cpu@host`` row, each supervisor read the other's beats
+    as its own engine's, saw no progress of its own child there, and killed a
+    healthy engine once the stall limit (WatchdogSec, shortened here) had passed.
+    """
+    stall_seconds = 15.0
+    daemons = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            daemon = Daemon(tmp_path / name, tiny_model, WATCHDOG_USEC=str(int(stall_seconds * 1e6)))
+            daemon.config.write_text(f'state_db = "{postgres_url}"\n' + daemon.config.read_text())
+            daemon.store.close()
+            daemon.store = JobStore(postgres_url)
+            daemons.append(daemon.start(wait=False))
+        started = time.monotonic()
+        for daemon in daemons:
+            daemon.wait_for(lambda: (report := daemon.status())["up"] and report["engines"][0]["status"].startswith("idle"),
+                            "its engine to be ready")
+        time.sleep(max(0.0, started + 2.5 * stall_seconds - time.monotonic()))  # well past the limit, both idle
+        children = [[event["pid"] for event in events(daemon, "run.engine_started")] for daemon in daemons]
+        assert [events(daemon, "run.engine_stalled") for daemon in daemons] == [[], []]
+        assert [len(pids) for pids in children] == [1, 1]  # never killed, never restarted
+
+        for daemon, (mine,), (theirs,) in ((daemons[0], *children), (daemons[1], *reversed(children))):
+            report = daemon.status()
+            own, other = report["engines"]  # this daemon's engine first, then the other's, alive too
+            assert (own["pid"], other["pid"]) == (mine, theirs) and own["name"] != other["name"]
+            assert report["up"] is True
+            text = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "status"], env=daemon.env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=60).stdout.splitlines()
+            assert text[1].startswith(f"  engine cpu (pid {mine}) alive (")  # its own, as readable as alone
+            assert text[2].startswith(f"  {other['name']} (pid {theirs}) alive (")
+    finally:
+        for daemon in daemons:
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.process.kill()
+                daemon.process.wait()
+            daemon.store.close()

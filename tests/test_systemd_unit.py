@@ -19,7 +19,8 @@ import pytest
 from fixative.daemon.lock import EXIT_ALREADY_RUNNING
 from fixative.daemon.settings import EX_CONFIG
 from fixative.daemon.liveness import STALLED_AFTER_SECONDS, engine_name
-from test_daemon_end_to_end import Daemon
+from test_daemon_end_to_end import Daemon, png_bytes
+from test_status_cli import HOSTILE
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "fixative.service"
 
@@ -75,6 +76,41 @@ def test_the_watchdog_is_the_stall_limit() -> None:
     assert float(unit_service()["WatchdogSec"]) == STALLED_AFTER_SECONDS
 
 
+class FakeSystemd:
+    """A notify socket that keeps every datagram ``fixative run`` sends, as systemd would receive them."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="fx-", dir="/tmp")  # a socket path must fit in 108 bytes
+        self.address = os.path.join(self.folder, "notify")
+        self.messages: list[str] = []
+        self.pings: list[float] = []
+        self.done = threading.Event()
+
+    def __enter__(self) -> FakeSystemd:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.listener.bind(self.address)
+        self.listener.settimeout(0.2)
+        self.thread = threading.Thread(target=self.listen, daemon=True)
+        self.thread.start()
+        return self
+
+    def listen(self) -> None:
+        while not self.done.is_set():
+            try:
+                message = self.listener.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.messages.append(message)
+            if "WATCHDOG=1" in message.split("\n"):
+                self.pings.append(time.monotonic())
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+        self.listener.close()
+        shutil.rmtree(self.folder)
+
+
 def test_a_hung_engine_is_restarted_alone_and_the_watchdog_keeps_the_healthy_one(tmp_path: Path,
                                                                                  tiny_model: Path) -> None:
     """`fixative run` with two engines under a fake systemd: one hangs.
@@ -86,28 +122,10 @@ def test_a_hung_engine_is_restarted_alone_and_the_watchdog_keeps_the_healthy_one
     by the time the limit has passed.
     """
     watchdog_seconds = 8.0
-    folder = tempfile.mkdtemp(prefix="fx-", dir="/tmp")  # a socket path must fit in 108 bytes
-    address = os.path.join(folder, "notify")
-    pings: list[float] = []
-    messages: list[str] = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
-        listener.bind(address)
-        listener.settimeout(0.2)
-
-        def listen() -> None:
-            while not done.is_set():
-                try:
-                    message = listener.recv(4096).decode()
-                except TimeoutError:
-                    continue
-                messages.append(message)
-                if "WATCHDOG=1" in message.split("\n"):
-                    pings.append(time.monotonic())
-
-        done = threading.Event()
-        thread = threading.Thread(target=listen, daemon=True)
-        thread.start()
-        daemon = Daemon(tmp_path, tiny_model, NOTIFY_SOCKET=address, WATCHDOG_USEC=str(int(watchdog_seconds * 1e6)))
+    with FakeSystemd() as systemd:
+        pings, messages = systemd.pings, systemd.messages
+        daemon = Daemon(tmp_path, tiny_model, NOTIFY_SOCKET=systemd.address,
+                        WATCHDOG_USEC=str(int(watchdog_seconds * 1e6)))
         daemon.config.write_text(daemon.config.read_text() + 'devices = ["cpu", "cpu"]\n')  # [engine] is the last table
         hung, healthy = engine_name("cpu"), engine_name("cpu#2")
         try:
@@ -130,9 +148,28 @@ def test_a_hung_engine_is_restarted_alone_and_the_watchdog_keeps_the_healthy_one
             assert sum("READY=1" in message.split("\n") for message in messages) == 1
             assert daemon.stop() == 0
         finally:
-            done.set()
-            thread.join()
             if daemon.process is not None and daemon.process.poll() is None:
                 daemon.process.kill()
             daemon.store.close()
-            shutil.rmtree(folder)
+
+
+def test_a_file_name_cannot_add_assignments_to_the_datagrams_systemd_reads(tmp_path: Path, tiny_model: Path) -> None:
+    """sd_notify's fields are lines: a newline in a name would let the file set WATCHDOG=trigger or MAINPID."""
+    with FakeSystemd() as systemd:
+        # 40 steps: the job must still be running when `fixative run` reads the engine's beat (every second).
+        daemon = Daemon(tmp_path, tiny_model, NOTIFY_SOCKET=systemd.address, FIXATIVE_ENGINE__STEPS="40")
+        try:
+            daemon.start()
+            (daemon.inbox / HOSTILE).write_bytes(png_bytes(3))
+            daemon.wait_for(lambda: any("STATUS=protecting" in message for message in systemd.messages),
+                            "a STATUS line naming the file")
+            daemon.wait_for(lambda: daemon.finished(1), "the image")
+            assert daemon.stop() == 0
+        finally:
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.process.kill()
+            daemon.store.close()
+    lines = [line for message in systemd.messages for line in message.split("\n")]
+    assert {line.split("=")[0] for line in lines} <= {"READY", "STATUS", "WATCHDOG", "STOPPING"}, lines
+    assert not any("\x1b" in line for line in lines)
+    assert any(line.startswith(r"STATUS=protecting a\nWATCHDOG=trigger\nMAINPID=1\n\x1b[2J.png") for line in lines)

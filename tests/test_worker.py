@@ -10,7 +10,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import stat
+import struct
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +29,7 @@ import fixative.engine.protect
 from fixative.daemon.settings import Settings
 from fixative.daemon.status import build_report, render
 from fixative.daemon.store import JobStore, StoreUnavailable
-from fixative.daemon.files import write_atomically
+from fixative.daemon.files import remove_temp_files, temp_prefix, write_atomically
 from fixative.daemon.worker import Worker
 from fixative.engine.errors import BadImage, OutOfMemory
 from fixative.engine.protect import Protected
@@ -139,6 +142,9 @@ def test_unusable_export_folder_keeps_the_job_and_its_attempts(worker, store, se
     [line] = [line for line in render(build_report(settings)).splitlines() if "cannot write" in line]
     assert line.endswith("(will retry)") and line.count("(will retry)") == 1
 
+    assert job.not_before > job.updated_at + 29  # put back for a while: the other jobs pass it meanwhile
+    store.backend.execute("UPDATE jobs SET not_before = NULL", {})  # skip the pause
+
     settings.export_dir.unlink()  # the artist fixes it; the engine resumes by itself
     assert run_one(worker, store).state == "done"
 
@@ -241,6 +247,47 @@ def test_write_atomically_replaces_whole_files(tmp_path: Path) -> None:
     assert target.read_bytes() == b"second"
     assert oct(target.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+@pytest.mark.parametrize("name", ["x" * 251 + ".png", "é" * 125 + "x.png", "é" * 124 + "xy.png"])
+def test_write_atomically_writes_any_name_a_file_can_have(tmp_path: Path, name: str) -> None:
+    """Up to 255 bytes, multi-byte characters too; and what a killed write leaves of it is found again."""
+    target = tmp_path / name
+    write_atomically(target, b"protected")
+    assert target.read_bytes() == b"protected" and [p.name for p in tmp_path.iterdir()] == [name]
+    killed = tempfile.mkstemp(dir=tmp_path, prefix=temp_prefix(name), suffix=".tmp")[1]
+    neighbour = tmp_path / (name[:-5] + "z.png")  # the same long start: its temp files are not this name's
+    write_atomically(neighbour, b"other")
+    other = tempfile.mkstemp(dir=tmp_path, prefix=temp_prefix(neighbour.name), suffix=".tmp")[1]
+    assert remove_temp_files(target) == [Path(killed)] and Path(other).exists()
+
+
+def default_acl(folder: Path, user: int, group: int, other: int) -> None:
+    """Give ``folder`` a default ACL (as ``setfacl -d``), the way a shared NAS folder hands its files to a group."""
+    entries = [(0x01, user), (0x04, group), (0x20, other)]  # ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_OTHER
+    value = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+    try:
+        os.setxattr(folder, "system.posix_acl_default", value)
+    except OSError as error:
+        pytest.skip(f"no POSIX ACLs on {folder}'s file system ({error.strerror})")
+
+
+def test_outputs_are_created_as_the_export_folder_would_create_any_file(tmp_path: Path) -> None:
+    """No mode of fixative's own: the umask decides, or the folder's default ACL where it has one."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    default_acl(shared, user=7, group=7, other=5)
+    old = os.umask(0o077)  # an artist who keeps their files to themselves
+    try:
+        write_atomically(tmp_path / "private.png", b"mine")
+        write_atomically(shared / "a.png", b"the group's")  # the ACL wins over the umask
+        os.umask(0o002)  # a studio that shares through a group
+        write_atomically(tmp_path / "group.png", b"ours")
+    finally:
+        os.umask(old)
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode))
+             for path in (tmp_path / "private.png", shared / "a.png", tmp_path / "group.png")}
+    assert modes == {"private.png": "0o600", "a.png": "0o664", "group.png": "0o664"}
 
 
 def test_each_job_is_protected_with_the_settings_it_was_queued_with(worker, store, settings, protect, loads) -> None:

@@ -154,6 +154,68 @@ def test_engine_on_a_chosen_device_protects_every_job_there(daemon_env) -> None:
     assert store.processes()[engine_name("cpu")]["device"] == "cpu"
 
 
+def test_outputs_that_can_never_be_written_fail_alone_and_the_other_jobs_flow(daemon_env) -> None:
+    """The oldest jobs are the hard ones; the queue behind them drains anyway.
+
+    1. A 246-character name: legal, but its temp name ``.NAME.XXXXXXXX.tmp``
+       would not be (over 255 bytes). It is written like any other.
+    2. ``sub/a.png`` and ``sub/deeper/b.png`` while a plain file named ``sub``
+       is in the export folder: no wait can mend that, so both fail for good,
+       before any GPU time, naming the file to move; once it is moved,
+       ``fixative retry --failed`` protects them.
+    3. ``Y.png`` and ``Y.jpg`` for a 251-character Y: the first takes
+       ``Y.png``; the second's ``Y-2.png`` would be 257 bytes, which no file
+       system holds, so it fails for good, with the reason, before any GPU time.
+    4. Five ordinary images, queued last.
+    """
+    env, root = daemon_env
+    inbox, export = root / "inbox", root / "export"
+    export.mkdir()
+    (export / "sub").write_text("a file where the folder sub/ should be")
+    (inbox / "sub" / "deeper").mkdir()
+    long_name, twin = "x" * 246 + ".png", "y" * 251
+    names = [long_name, "sub/a.png", "sub/deeper/b.png", f"{twin}.png", f"{twin}.jpg", *(f"{n}.png" for n in range(5))]
+    store = JobStore(root / "state" / "jobs.db")
+    options = load_settings(root / "config.toml").engine
+    for seed, name in enumerate(names):
+        if name.endswith(".jpg"):
+            Image.fromarray(painting(256, 288, seed)).save(inbox / name, quality=95)
+        else:
+            save_painting(inbox / name, seed)
+    jobs = {name: store.enqueue(inbox / name, options, inbox=inbox).id for name in names}
+    blocked, unwritable = [jobs["sub/a.png"], jobs["sub/deeper/b.png"]], jobs[f"{twin}.jpg"]
+    writable = [jobs[name] for name in names if jobs[name] not in (*blocked, unwritable)]
+
+    engine = start(env, "engine")
+    try:
+        wait_for(lambda: all(store.get(job_id).state == "done" for job_id in writable)
+                 and all(store.get(job_id).state == "failed" for job_id in (*blocked, unwritable)),
+                 "every job to end", timeout=180)
+        for job_id, folder in zip(blocked, (export / "sub", export / "sub" / "deeper")):
+            failed = store.get(job_id)
+            assert failed.attempts == 1 and failed.progress_step is None  # refused before its protection started
+            assert failed.error == (f"cannot write in {folder}: the file {export / 'sub'} is in the way where a "
+                                    "folder should be; move it, then run `fixative retry --failed`")
+        failed = store.get(unwritable)
+        assert failed.attempts == 1 and f"{twin}-2.png" in failed.error and "at most 255" in failed.error
+        assert failed.progress_step is None
+        (export / "sub").unlink()  # what the reason says to do
+        retried = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "retry", "--failed"], env=env,
+                                 cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+        assert "queued again: 3 job(s)" in retried.stdout
+        wait_for(lambda: all(store.get(job_id).state == "done" for job_id in blocked), "the unblocked jobs",
+                 timeout=120)
+        wait_for(lambda: store.get(unwritable).state == "failed", "the unwritable name to fail again", timeout=60)
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=60) == 0
+    finally:
+        engine.kill()
+    assert all(store.get(job_id).attempts == 1 for job_id in writable)
+    assert store.get(jobs[long_name]).output_path == str(export / long_name)
+    assert sorted(p.relative_to(export).as_posix() for p in export.rglob("*") if p.is_file()) == sorted(
+        [long_name, "sub/a.png", "sub/deeper/b.png", f"{twin}.png", *(f"{n}.png" for n in range(5))])  # no temp file
+
+
 def test_run_survives_kill_9_of_the_engine_and_stops_on_sigterm(daemon_env, systemd) -> None:
     env, root = daemon_env
     # Long enough jobs (a few seconds) to be caught mid-way: progress reaches
