@@ -1,7 +1,8 @@
 """Figures for the per-image report: how visible the perturbation is, and how much it bites.
 
 Visibility: PSNR, SSIM and the largest change in 0-255 levels, on the saved
-file read back, against the original.
+file read back, against the original; and the colour change on its flat
+areas (:func:`flat_chroma_change`), where noise shows most.
 
 Bite: the *protection gain* is the mean diffusion training loss of the
 protected image divided by the original's, both as a fine-tuning script sees
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from kornia.color import rgb_to_ycbcr
 
+from fixative.engine.budget import local_luma_std
 from fixative.engine.diffusion import denoiser_residual, encode
 from fixative.engine.geometry import Geometry, bands
 from fixative.engine.model import LoadedModel
 from fixative.engine.options import EngineOptions
+from fixative.engine.pixels import to_model
 from fixative.engine.publishing import serve
 
 GAIN_SAMPLES = 8  # (t, eps, posterior noise) draws per evaluation; see gain_samples
@@ -93,6 +97,22 @@ def ssim(original: np.ndarray, protected: np.ndarray) -> float:
         score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
         total, count = total + float(score.sum()), count + score.numel()
     return total / count
+
+
+FLAT_STD = 2.0  # 0-255 levels: a pixel whose local luma deviation (engine.budget.local_luma_std) is below this is flat
+
+
+def flat_chroma_change(original: np.ndarray, protected: np.ndarray) -> float:
+    """Mean |dCb| + |dCr| in 0-255 levels over the original's flat pixels (local luma deviation under FLAT_STD).
+
+    The change a flat backdrop shows as coloured blotches; 0.0 when the picture has no flat pixel.
+    """
+    x, y = to_model(original), to_model(protected)
+    flat = local_luma_std(x)[0, 0] < FLAT_STD
+    if not bool(flat.any()):
+        return 0.0
+    change = (rgb_to_ycbcr(y) - rgb_to_ycbcr(x))[0, 1:].abs().sum(dim=0) * 127.5
+    return float(change[flat].mean())
 
 
 def max_delta(original: np.ndarray, protected: np.ndarray) -> int:

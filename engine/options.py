@@ -43,6 +43,12 @@ class EngineOptions(BaseModel):
     # on the tiny trained model (bench/README.md). advdm stays available as the paper's method.
     mode: Mode = "sds"
     strength: int = Field(8, ge=1, le=32, description="L-infinity budget in 0-255 levels, or a preset name.")
+    budget: Literal["uniform", "perceptual"] = Field(
+        "uniform",
+        description="How the strength is spent: uniform moves every R, G and B value up to the strength; perceptual "
+        "keeps the same bound but gives colour a quarter of brightness's share and flat areas a quarter of busy "
+        "ones', where the eye sees change least (fixative.engine.budget; bench/README.md, \"Perceptual budget\").",
+    )
     step_size: float = Field(1.0, gt=0, le=32, description="PGD step in 0-255 levels.")
     steps: int = Field(100, ge=1, le=10_000)
     robust: bool = Field(

@@ -2,9 +2,12 @@
 
 The perturbation ``delta`` lives at the working size, in [-1, 1] image units,
 and always in fp32 (a bf16 delta could not even represent a 1/255 step near
-the ends of the range). Each step moves every pixel by ``alpha`` along the sign
-of an accumulated gradient and projects back into [-eps, eps]; the image
-range is enforced where the image is formed.
+the ends of the range). Its components and their bounds are a
+:class:`~fixative.engine.budget.Budget`'s: R, G, B within [-eps, eps], or luma
+and chroma within a per-pixel box shaped the way the eye sees. Each step moves
+every component by ``alpha`` (scaled by its bound) along the sign of an
+accumulated gradient and projects back into the box; the image range is
+enforced where the image is formed.
 
 The accumulated gradient is MI-FGSM's momentum (Dong et al., "Boosting
 Adversarial Attacks with Momentum", CVPR 2018, Algorithm 1): each step's
@@ -37,6 +40,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from fixative.engine.budget import Budget
 from fixative.engine.geometry import Geometry
 from fixative.engine.options import EngineOptions
 
@@ -88,14 +92,15 @@ def coarse_steps(options: EngineOptions) -> int:
     return min(int(COARSE_SHARE * options.steps), options.steps - 1)
 
 
-def random_start(like: torch.Tensor, eps: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """Uniform in the ball, as in Madry et al. and Mist; row i drawn from ``generators[i]``."""
+def random_start(budget: Budget, generators: list[torch.Generator]) -> torch.Tensor:
+    """Uniform in the budget's box, as Madry et al. and Mist start in the ball; row i drawn from ``generators[i]``."""
+    like = budget.bound
     rows = [torch.rand((1, *like.shape[1:]), generator=generator, device=like.device) for generator in generators]
-    return (torch.cat(rows) * 2 - 1) * eps
+    return (torch.cat(rows) * 2 - 1) * like
 
 
 def sign_step(
-    delta: torch.Tensor, accumulated: torch.Tensor, gradient: torch.Tensor, direction: float, alpha: float, eps: float
+    delta: torch.Tensor, accumulated: torch.Tensor, gradient: torch.Tensor, direction: float, alpha: float, budget: Budget
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MI-FGSM step for a batch (N, 3, h, w): (new delta, new accumulated gradient).
 
@@ -105,14 +110,14 @@ def sign_step(
     # per image, or one steep image in a batch would drown its neighbours' steps.
     scale = gradient.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
     accumulated = MOMENTUM * accumulated + gradient / scale
-    return (delta + direction * alpha * accumulated.sign()).clamp_(-eps, eps), accumulated
+    return budget.step(delta, direction * accumulated.sign(), alpha), accumulated
 
 
 def run_pgd(
     attack: Attack,
     x_work: torch.Tensor,
     geometries: list[Geometry],
-    eps: float,
+    budget: Budget,
     alpha: float,
     steps: int,
     generators: list[torch.Generator],
@@ -120,23 +125,25 @@ def run_pgd(
     transforms: list[Transform] | None = None,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return the perturbations (fp32, working size, a row per image) after ``steps`` PGD steps from ``start``.
+    """Return the perturbations (fp32, working size, a row per image, in ``budget``'s components) after ``steps`` PGD steps.
 
     ``x_work`` holds the batch's images, a row each, and ``geometries``,
-    ``generators`` and ``transforms`` one per row. ``start`` defaults to a
-    random start. ``progress`` gets the mean of the rows' losses.
+    ``generators``, ``transforms`` and ``budget``'s bounds one per row.
+    ``start`` (in the budget's components) defaults to a random start; it is
+    projected into the budget. ``progress`` gets the mean of the rows' losses.
+    ``budget.rgb`` of the result is the RGB change.
     """
-    delta = random_start(x_work, eps, generators) if start is None else start
+    delta = random_start(budget, generators) if start is None else budget.project(start)
     direction = 1.0 if attack.maximize else -1.0
     accumulated = torch.zeros_like(delta)
     last_report = time.monotonic()
     for step in range(1, steps + 1):
         delta.requires_grad_(True)
-        objective, loss = attack(perturbed(x_work, delta, geometries, transforms, generators), generators)
+        objective, loss = attack(perturbed(x_work, budget.rgb(delta), geometries, transforms, generators), generators)
         # A row's objective depends on that row alone, so the sum's gradient is each row's own.
         (gradient,) = torch.autograd.grad(objective.sum(), delta)
         with torch.no_grad():
-            delta, accumulated = sign_step(delta, accumulated, gradient, direction, alpha, eps)
+            delta, accumulated = sign_step(delta, accumulated, gradient, direction, alpha, budget)
         # Reading the loss forces a device sync, so report at most twice a second.
         if progress is not None and (step == steps or time.monotonic() - last_report >= PROGRESS_INTERVAL_SECONDS):
             progress(step, steps, float(loss.mean()))

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from fixative.engine.attacks import ATTACKS
+from fixative.engine.budget import Budget
 from fixative.engine.errors import OutOfMemory
 from fixative.engine.geometry import Geometry
 from fixative.engine.imaging import (
@@ -116,7 +117,7 @@ def _out_of_memory_is_an_engine_error(protect):
 def perturbation(
     model: LoadedModel, options: EngineOptions, geometries: list[Geometry], x_work: torch.Tensor, progress: Progress | None
 ) -> torch.Tensor:
-    """Step 3: the PGD perturbations at the working size, a row per image, coarse steps first (``fixative.engine.pgd``)."""
+    """Step 3: the PGD perturbations (RGB changes) at the working size, a row per image, coarse steps first (``fixative.engine.pgd``)."""
     # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
     eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
     # Every image its own random streams, seeded as if it were alone: every draw
@@ -128,13 +129,17 @@ def perturbation(
     start = None
     if coarse:
         half = geometries[0].halved(model.size_multiple)  # the same for every row: a batch shares its working size
+        x_half = half.down(x_work)
         attack = ATTACKS[options.mode](model, options, (1, 3, *half.padded))
         progressed = _counted(progress, 0, options.steps)
-        delta = run_pgd(attack, half.down(x_work), [half] * len(geometries), eps, alpha, coarse, generators, progressed, transforms)
-        start = half.up(delta)
+        budget = Budget.plan(x_half, eps, options.budget)
+        delta = run_pgd(attack, x_half, [half] * len(geometries), budget, alpha, coarse, generators, progressed, transforms)
+        start = half.up(delta)  # bilinear, so in the same components; run_pgd projects it into the fine budget
     attack = ATTACKS[options.mode](model, options, (1, 3, *geometries[0].padded))
     fine = options.steps - coarse
-    return run_pgd(attack, x_work, geometries, eps, alpha, fine, generators, _counted(progress, coarse, options.steps), transforms, start)
+    budget = Budget.plan(x_work, eps, options.budget)
+    progressed = _counted(progress, coarse, options.steps)
+    return budget.rgb(run_pgd(attack, x_work, geometries, budget, alpha, fine, generators, progressed, transforms, start))
 
 
 def _counted(progress: Progress | None, before: int, total: int) -> Progress | None:
@@ -250,6 +255,7 @@ def _finished(
         "mode": options.mode,
         "robust": options.robust,
         "strength": options.strength,
+        "budget": options.budget,
         "steps": options.steps,
         "step_size": options.step_size,
         "samples_per_step": options.samples_per_step,

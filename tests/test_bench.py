@@ -255,6 +255,20 @@ def test_robustness_table_runs_with_robust_off_and_on(tmp_path: Path, tiny_model
 
 
 @pytest.mark.slow
+def test_perceptual_budget_table_compares_both_budgets(tmp_path: Path, tiny_model: Path):
+    figures = tmp_path / "perceptual_budget.json"
+    done = _bench("bench.perceptual_budget", "--model", "tiny", "--images", "ink,colorwheel", "--steps", "2",
+                  "--perceptual-strengths", "8,10", "--json", str(figures))
+    runs = json.loads(figures.read_text())["runs"]
+    assert [(run["image"], run["budget"], run["strength"]) for run in runs] == [
+        (image, budget, strength) for image in ("ink", "colorwheel")
+        for budget, strength in (("uniform", 8), ("perceptual", 8), ("perceptual", 10))
+    ]
+    assert all(run["max_delta"] <= run["strength"] for run in runs)
+    assert "| perceptual | 10 |" in done.stdout and "| 10 |" in done.stdout
+
+
+@pytest.mark.slow
 def test_report_estimate_table_runs_and_matches_the_engine_s_figure(tiny_model: Path):
     # The bench asserts that its stratified8 estimate is the engine's own figure on the same draws.
     done = _bench("bench.report_estimate", "--draws", "2", "--truth", "16")

@@ -28,7 +28,7 @@ from fixative.engine.protect import Protected, protect_file
 from conftest import painting
 
 REPORT_KEYS = {
-    "mode", "strength", "steps", "step_size", "samples_per_step", "seed", "device", "dtype", "model", "size",
+    "mode", "strength", "budget", "steps", "step_size", "samples_per_step", "seed", "device", "dtype", "model", "size",
     "working_size", "format", "seconds", "seconds_per_step", "psnr", "ssim", "max_delta", "loss_original",
     "loss_protected", "protection_gain", "latent_shift", "robust", "survival_figure", "survival",
 }
