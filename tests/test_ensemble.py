@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from conftest import painting
+from fixative.daemon.doctor import FAIL, OK, _engine_checks
 from fixative.daemon.settings import ConfigError, Settings, load_settings
 from fixative.daemon.store import JobStore
 from fixative.daemon.worker import Worker
@@ -42,10 +45,12 @@ def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def flux_like_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny 16-channel VAE as Flux.1 ships its own: no quant convs, a scale and a shift, saved as a vae/ folder."""
+    # Only the arguments: the config's _use_default_values would put the defaults back over Flux's scale and shift.
+    arguments = {k: v for k, v in tiny_vae().config.items() if not k.startswith("_")}
     torch.manual_seed(3)
     flux = dict(latent_channels=16, scaling_factor=FLUX_SCALE, shift_factor=FLUX_SHIFT,
                 use_quant_conv=False, use_post_quant_conv=False)
-    vae = AutoencoderKL.from_config({**tiny_vae().config, **flux})
+    vae = AutoencoderKL(**{**arguments, **flux})
     folder = tmp_path_factory.mktemp("flux") / "vae"
     vae.save_pretrained(folder, safe_serialization=True)
     return folder
@@ -185,3 +190,31 @@ def test_models_in_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     config.write_text('inbox = "/tmp/i"\nexport_dir = "/tmp/e"\n[engine]\nmodel = "/m/x"\nmodels = ["/m/a", "/m/b"]\n')
     with pytest.raises(ConfigError, match="engine.*models: give either model or models"):
         load_settings(config)
+
+
+def test_doctor_checks_every_member(tiny_model, flux_like_vae, tmp_path) -> None:
+    missing = tmp_path / "no-such-sdxl"
+    settings = Settings(inbox=tmp_path / "inbox", state_dir=tmp_path / "state",
+                        engine={"models": [str(tiny_model), str(flux_like_vae), str(missing)], "device": "cpu"})
+    lines = [(level, line) for level, line in _engine_checks(settings) if line.startswith("model: ")]
+    assert lines == [
+        (OK, f"model: {tiny_model} on disk at {tiny_model}"),
+        (OK, f"model: {flux_like_vae} on disk at {flux_like_vae}"),
+        (FAIL, f"model: model path {missing} does not exist"),
+    ]
+
+
+def test_protect_takes_model_more_than_once(tiny_model, second_model, tmp_path) -> None:
+    """The real command, in a subprocess: two --model flags make one ensemble, with a line per member."""
+    path, rgb = saved_painting(tmp_path)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[engine]\nmodel = "{tiny_model}"\ndevice = "cpu"\nsteps = 2\n')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("FIXATIVE_", "HF_"))},
+           "FIXATIVE_CONFIG": str(config), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "fixative.daemon.cli", "protect", str(path), "--model", str(tiny_model),
+               "--model", str(second_model)]
+    shown = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert f"  {tiny_model}: protection gain" in shown.stdout and f"  {second_model}: protection gain" in shown.stdout
+    report = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, env=env, timeout=300).stdout)
+    assert list(report["models"]) == [str(tiny_model), str(second_model)] and report["max_delta"] <= 8
