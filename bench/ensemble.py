@@ -38,9 +38,11 @@ def _members(folder: Path, threads: int) -> dict[str, Path]:
 
     model_a, _ = tiny_model(threads)
     model_b = build_tiny_model(folder / "b", seed=1)
+    # Only the arguments: the config's _use_default_values would put the defaults back over Flux's scale and shift.
+    arguments = {k: v for k, v in tiny_vae().config.items() if not k.startswith("_")}
     torch.manual_seed(3)
     flux = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    AutoencoderKL.from_config({**tiny_vae().config, **flux}).save_pretrained(folder / "v", safe_serialization=True)
+    AutoencoderKL(**{**arguments, **flux}).save_pretrained(folder / "v", safe_serialization=True)
     return {"A": model_a, "B": model_b, "V": folder / "v"}
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from fixative.daemon.inbox_filter import IMAGE_SUFFIXES, ignore_reason
-from fixative.daemon.protect_command import EX_FAILED, EX_USAGE, MODEL_HELP, engine_options, strength_argument
+from fixative.daemon.protect_command import EX_FAILED, EX_USAGE, MODEL_HELP, engine_options, print_option_errors, strength_argument
 
 DEFAULT_STEPS = 500  # LoRA steps: what diffusers' DreamBooth LoRA example trains for
 # A "protected copy" further than this from its original is some other picture:
@@ -208,8 +208,7 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         options = engine_options(args, ("mode", "strength", "device"))
     except ValidationError as error:
-        for problem in error.errors():
-            print(f"fixative: --{problem['loc'][0]}: {problem['msg']}", file=sys.stderr)
+        print_option_errors(error)
         return EX_USAGE
     try:
         return _check(args, options)

@@ -150,14 +150,21 @@ def _print_failure(args: argparse.Namespace, image: Path, error: str) -> None:
         print(f"failed: {error}", file=sys.stderr)
 
 
+def print_option_errors(error) -> None:
+    """A pydantic ValidationError of the command's options, a line each, named by flag where one is to blame."""
+    for problem in error.errors():
+        # The options' own checks across flags (repeated --model) name what they blame in the message itself.
+        where = f"--{problem['loc'][0]}: " if problem["loc"] else ""
+        print(f"fixative: {where}{problem['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+
+
 def run_protect(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     try:
         options = engine_options(args, ENGINE_FLAGS)  # a ConfigError from the config file is reported by cli.main (exit 78)
     except ValidationError as error:
-        for problem in error.errors():
-            print(f"fixative: --{problem['loc'][0]}: {problem['msg']}", file=sys.stderr)
+        print_option_errors(error)
         return EX_USAGE
 
     if args.output_dir and args.output_dir.exists() and not args.output_dir.is_dir():

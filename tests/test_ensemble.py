@@ -218,3 +218,13 @@ def test_protect_takes_model_more_than_once(tiny_model, second_model, tmp_path) 
     assert f"  {tiny_model}: protection gain" in shown.stdout and f"  {second_model}: protection gain" in shown.stdout
     report = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, env=env, timeout=300).stdout)
     assert list(report["models"]) == [str(tiny_model), str(second_model)] and report["max_delta"] <= 8
+
+
+def test_a_model_given_twice_is_a_usage_error(tiny_model, tmp_path) -> None:
+    path, _ = saved_painting(tmp_path)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FIXATIVE_")}, "FIXATIVE_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+    done = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "protect", str(path), "--model", str(tiny_model),
+                           "--model", str(tiny_model)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "models: a model is listed twice" in done.stderr, done.stderr
+    assert not list(tmp_path.glob("*.protected*"))
