@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from fixative.daemon.inbox_filter import IMAGE_SUFFIXES, ignore_reason
-from fixative.daemon.protect_command import EX_FAILED, EX_USAGE, strength_argument
+from fixative.daemon.protect_command import EX_FAILED, EX_USAGE, MODEL_HELP, engine_options, print_option_errors, strength_argument
 
 DEFAULT_STEPS = 500  # LoRA steps: what diffusers' DreamBooth LoRA example trains for
 # A "protected copy" further than this from its original is some other picture:
@@ -55,7 +55,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     check.add_argument("--prompt", help="the mimic's caption (default: 'a painting in the style of sks')")
     check.add_argument("--guidance", type=float, help="classifier-free guidance for the samples (default 7.5; 1 = none)")
     check.add_argument("--seed", type=int, default=0, help="one seed for every LoRA's crops, noise and order")
-    check.add_argument("--model", help="diffusers folder, .safetensors file, or Hugging Face id in the local cache")
+    check.add_argument("--model", action="append", help=MODEL_HELP + " (the mimic fine-tunes the first)")
     check.add_argument("--mode", choices=["advdm", "mist", "sds", "encoder"], help="for copies made now")
     check.add_argument("--strength", type=strength_argument, help="for copies made now: 0-255 levels or a preset")
     check.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
@@ -219,15 +219,6 @@ def verdict(report: dict) -> list[str]:
 # --------------------------------------------------------------------------------------------- run
 
 
-def _options(args: argparse.Namespace):
-    from fixative.daemon.settings import load_settings
-    from fixative.engine.options import EngineOptions
-
-    configured = load_settings(args.config).engine.model_dump()
-    flags = {name: getattr(args, name) for name in ("model", "mode", "strength", "device") if getattr(args, name) is not None}
-    return EngineOptions(**{**configured, **flags})
-
-
 def _human(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -240,10 +231,9 @@ def run_check(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     try:
-        options = _options(args)
+        options = engine_options(args, ("mode", "strength", "device"))
     except ValidationError as error:
-        for problem in error.errors():
-            print(f"fixative: --{problem['loc'][0]}: {problem['msg']}", file=sys.stderr)
+        print_option_errors(error)
         return EX_USAGE
     try:
         return _check(args, options)
@@ -279,6 +269,7 @@ def _check(args: argparse.Namespace, options) -> int:
     from tqdm import tqdm
 
     from fixative.engine import mimicry
+    from fixative.engine.ensemble import load_protector
     from fixative.engine.errors import EngineError
     from fixative.engine.model import load_model
     from fixative.engine.pixels import to_rgb
@@ -286,11 +277,15 @@ def _check(args: argparse.Namespace, options) -> int:
     from fixative.engine.publishing import serve
 
     try:
-        protector = load_model(options, generation=True)
+        # The mimic fine-tunes the first model; an ensemble protects with a copy of its own,
+        # loaded first so that a missing member is named before any loading.
+        ensemble = load_protector(options) if options.models and copies is None else None
+        mimic_base = load_model(options.model_copy(update={"models": None}), generation=True)
+        protector = ensemble or mimic_base
     except EngineError as error:
         raise CheckError(str(error)) from error
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = mimicry.with_prompt(protector, args.prompt or mimicry.DEFAULT_PROMPT)
+    model = mimicry.with_prompt(mimic_base, args.prompt or mimicry.DEFAULT_PROMPT)
 
     loras = 2 + len(args.after)
     units = mimicry.work_units(len(paths), loras, args.steps)

@@ -66,15 +66,16 @@ def _engine_checks(settings: Settings) -> list[tuple[str, str]]:
             results.append((WARN, f"{key}: cpu. It works, but {CPU_SPEED}; a CUDA GPU is far faster (6.5-10 s on an H200)"))
         else:
             results.append((OK, f"{key}: {seen['type']} {seen.get('name', '')}".rstrip()))
-    if "model_error" in found:
-        results.append((FAIL, f"model: {found['model_error']}"))
-    else:
-        results.append((OK, f"model: {settings.engine.model} on disk at {found['model_path']}"))
+    for name, seen in found["models"].items():  # every member of an ensemble, or the one model
+        if "error" in seen:
+            results.append((FAIL, f"model: {seen['error']}"))
+        else:
+            results.append((OK, f"model: {name} on disk at {seen['path']}"))
     return results
 
 
 def probe() -> None:
-    """Run in a child Python: report torch, each device (argv[2]) and the model location as JSON on stdout."""
+    """Run in a child Python: report torch, each device (argv[2]) and each model's location as JSON on stdout."""
     import torch
 
     from fixative.engine.errors import EngineError
@@ -94,10 +95,12 @@ def probe() -> None:
                 seen["name"] = f"({props.name}, {props.total_memory / 2**30:.0f} GiB)"
         except EngineError as error:
             seen["error"] = str(error)
-    try:
-        found["model_path"] = str(resolve_model_folder(options.model))
-    except EngineError as error:
-        found["model_error"] = str(error)
+    found["models"] = {}
+    for name in options.members:
+        try:
+            found["models"][name] = {"path": str(resolve_model_folder(name))}
+        except EngineError as error:
+            found["models"][name] = {"error": str(error)}
     print(json.dumps(found))
 
 

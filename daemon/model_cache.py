@@ -21,7 +21,7 @@ log = structlog.get_logger()
 
 # The options that load_model builds into the model; a job queued with other
 # values needs the model loaded again.
-MODEL_OPTIONS = ("model", "device", "dtype", "low_vram", "prompt")
+MODEL_OPTIONS = ("model", "models", "device", "dtype", "low_vram", "prompt")
 
 
 def job_options(settings: Settings, job: Job) -> EngineOptions:
@@ -38,17 +38,20 @@ class ModelCache:
         self.loaded_with: dict[str, Any] | None = None  # the MODEL_OPTIONS self.model was loaded with
 
     def load(self, options: EngineOptions) -> Any:
-        """The model for ``options``: the one loaded, if it fits them, else a new one (EngineError if it cannot load)."""
-        from fixative.engine.model import load_model
+        """The model for ``options``: the one loaded, if it fits them, else a new one (EngineError if it cannot load).
+
+        Several ``models`` load as one ``fixative.engine.ensemble.Ensemble``.
+        """
+        from fixative.engine.ensemble import load_protector
 
         wanted = {name: getattr(options, name) for name in MODEL_OPTIONS}
         if self.model is not None and wanted == self.loaded_with:
             return self.model
-        log.info("engine.loading_model", model=options.model)
+        log.info("engine.loading_model", model=list(options.members) if options.models else options.model)
         self.model = self.loaded_with = None  # free the old model first: two may not fit in memory
         self.pulse.loading = True  # minutes from a cold disk; not a stall
         try:
-            self.model = load_model(options)
+            self.model = load_protector(options)
         finally:
             self.pulse.loading = False
             self.pulse.progressed()

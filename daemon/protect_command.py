@@ -39,6 +39,10 @@ def strength_argument(value: str) -> int | str:
         ) from None
 
 
+MODEL_HELP = ("diffusers folder, .safetensors file, Hugging Face id in the local cache, or a VAE folder; "
+              "given more than once, the protection is made against all of them at once")
+
+
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     protect = commands.add_parser(
         "protect",
@@ -48,7 +52,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     protect.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     protect.add_argument("-o", "--output-dir", type=Path, help="folder for the protected copies (default: beside each image)")
-    protect.add_argument("--model", help="diffusers folder, .safetensors file, or Hugging Face id in the local cache")
+    protect.add_argument("--model", action="append", help=MODEL_HELP)
     protect.add_argument("--mode", choices=["advdm", "mist", "sds", "encoder"])
     protect.add_argument("--strength", type=strength_argument,
                          help="budget in 0-255 levels, or subtle (4) / balanced (8) / strong (16)")
@@ -72,16 +76,24 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     pull.set_defaults(run=run_pull)
 
 
-ENGINE_FLAGS = ("model", "mode", "strength", "steps", "seed", "device", "dtype", "format", "quality", "target")
+ENGINE_FLAGS = ("mode", "strength", "steps", "seed", "device", "dtype", "format", "quality", "target")
 
 
-def _options(args: argparse.Namespace):
+def engine_options(args: argparse.Namespace, flags: tuple[str, ...]):
+    """The config file's ``[engine]`` options with the command's ``flags`` (and its ``--model``s) put over them.
+
+    ``--model`` replaces the configured model or models: once for one, more
+    than once for an ensemble.
+    """
     from fixative.daemon.settings import load_settings
     from fixative.engine.options import EngineOptions
 
     configured = load_settings(args.config).engine.model_dump()
-    flags = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
-    return EngineOptions(**{**configured, **flags})
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    if args.model:
+        configured = {name: value for name, value in configured.items() if name not in ("model", "models")}
+        given["models"] = args.model
+    return EngineOptions(**{**configured, **given})
 
 
 def _input_problem(image: Path) -> str | None:
@@ -119,9 +131,11 @@ def _print_report(image: Path, output: Path, report: dict, warnings: list[str]) 
         f"{image} -> {output}\n"
         f"  {report['mode']} · strength {report['strength']} · {report['steps']} steps · "
         f"{report['seconds']:.1f} s on {report['device']}\n"
-        f"  protection gain {report['protection_gain']:.3f} · latent shift {report['latent_shift']:.3f} · "
-        f"PSNR {report['psnr']:.1f} dB · SSIM {report['ssim']:.3f} · max change {report['max_delta']} levels"
+        f"  PSNR {report['psnr']:.1f} dB · SSIM {report['ssim']:.3f} · max change {report['max_delta']} levels"
     )
+    for name, bite in report.get("models", {"": report}).items():
+        gain = "" if bite.get("protection_gain") is None else f"protection gain {bite['protection_gain']:.3f} · "
+        print(f"  {name + ': ' if name else ''}{gain}latent shift {bite['latent_shift']:.3f}")
     for warning in warnings:
         print(f"  warning: {warning}")
 
@@ -136,14 +150,21 @@ def _print_failure(args: argparse.Namespace, image: Path, error: str) -> None:
         print(f"failed: {error}", file=sys.stderr)
 
 
+def print_option_errors(error) -> None:
+    """A pydantic ValidationError of the command's options, a line each, named by flag where one is to blame."""
+    for problem in error.errors():
+        # The options' own checks across flags (repeated --model) name what they blame in the message itself.
+        where = f"--{problem['loc'][0]}: " if problem["loc"] else ""
+        print(f"fixative: {where}{problem['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+
+
 def run_protect(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     try:
-        options = _options(args)  # a ConfigError from the config file is reported by cli.main (exit 78)
+        options = engine_options(args, ENGINE_FLAGS)  # a ConfigError from the config file is reported by cli.main (exit 78)
     except ValidationError as error:
-        for problem in error.errors():
-            print(f"fixative: --{problem['loc'][0]}: {problem['msg']}", file=sys.stderr)
+        print_option_errors(error)
         return EX_USAGE
 
     if args.output_dir and args.output_dir.exists() and not args.output_dir.is_dir():
@@ -167,12 +188,12 @@ def run_protect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from fixative.daemon.files import write_atomically
+    from fixative.engine.ensemble import load_protector
     from fixative.engine.errors import EngineError
-    from fixative.engine.model import load_model
     from fixative.engine.protect import protect_file
 
     try:
-        model = load_model(options)
+        model = load_protector(options)
     except EngineError as error:
         print(f"fixative: {error}", file=sys.stderr)
         return EX_FAILED

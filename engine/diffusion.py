@@ -1,7 +1,7 @@
 """The pieces of latent diffusion training that every attack differentiates through.
 
 Notation follows the AdvDM paper (Liang, Wu et al., ICML 2023, arXiv 2302.04578):
-x is the image in [-1, 1], z = s * E(x) its latent, z_t = sqrt(a_t) z + sqrt(1 - a_t) eps
+x is the image in [-1, 1], z = s * (E(x) - shift) its latent (SD's VAEs have no shift), z_t = sqrt(a_t) z + sqrt(1 - a_t) eps
 the noised latent at step t, and the training loss is || eps_theta(z_t, t, c) - eps ||^2.
 
 Every function takes a batch of N images, one row each, and one generator per
@@ -16,18 +16,19 @@ from typing import Callable
 
 import torch
 
-from fixative.engine.model import LoadedModel
+from fixative.engine.model import LoadedModel, LoadedVAE
 
 
-def encode(model: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior of ``x`` as (mean, std), scaled into latent units, fp32.
+def encode(model: LoadedModel | LoadedVAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of ``x`` as (mean, std), shifted and scaled into latent units, fp32.
 
     AdvDM differentiates through a posterior *sample*, as training does (see
     :func:`sample_latent`); the mean is the stable quantity that textural
     losses and the latent-shift metric compare.
     """
     posterior = model.vae.encode(x.to(model.vae.dtype)).latent_dist
-    return model.scaling_factor * posterior.mean.float(), model.scaling_factor * posterior.std.float()
+    mean = model.scaling_factor * (posterior.mean.float() - model.shift_factor)
+    return mean, model.scaling_factor * posterior.std.float()
 
 
 def latent_noise(like: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

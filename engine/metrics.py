@@ -31,7 +31,7 @@ from kornia.color import rgb_to_ycbcr
 from fixative.engine.budget import local_luma_std
 from fixative.engine.diffusion import denoiser_residual, encode
 from fixative.engine.geometry import Geometry, bands
-from fixative.engine.model import LoadedModel
+from fixative.engine.model import LoadedModel, LoadedVAE
 from fixative.engine.options import EngineOptions
 from fixative.engine.pixels import to_model
 from fixative.engine.publishing import serve
@@ -146,16 +146,22 @@ def gain_samples(
 
 
 @torch.no_grad()
-def protection_figures(model: LoadedModel, original: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:
-    """Protection gain and latent shift for two padded model inputs (1, 3, H, W) in [-1, 1]."""
-    generator = torch.Generator(model.device).manual_seed(GAIN_SEED)
+def protection_figures(model: LoadedModel | LoadedVAE, original: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:
+    """Protection gain and latent shift for two padded model inputs (1, 3, H, W) in [-1, 1].
+
+    A VAE alone has no denoiser to score a loss with: the latent shift only.
+    """
     mean, std = encode(model, torch.cat([original, protected]))
+    latent_shift = float((mean[1] - mean[0]).norm() / mean[0].norm())
+    if isinstance(model, LoadedVAE):
+        return {"latent_shift": latent_shift}
+    generator = torch.Generator(model.device).manual_seed(GAIN_SEED)
     loss_original, loss_protected = mean_losses(model, mean, std, *gain_samples(model, mean[:1], generator))
     return {
         "loss_original": loss_original,
         "loss_protected": loss_protected,
         "protection_gain": loss_protected / loss_original,
-        "latent_shift": float((mean[1] - mean[0]).norm() / mean[0].norm()),
+        "latent_shift": latent_shift,
     }
 
 
@@ -178,14 +184,16 @@ def mean_losses(
     return losses
 
 
-def effect_figure(options: EngineOptions) -> str:
+def effect_figure(options: EngineOptions, model: LoadedModel | LoadedVAE | None = None) -> str:
     """The figure a mode's effect shows in: the training loss (advdm, SDS+), or the latent (the others).
 
     Mist raises the loss too, but its pull toward the texture dominates once
     latents have unit variance, as SD's do: on the tiny model its gain stays
     just under 1 while its latent moves (bench/README.md, "Robustness").
+    A VAE alone is attacked through its latent whatever the mode
+    (``fixative.engine.ensemble``).
     """
-    if options.mode in ("encoder", "mist") or (options.mode == "sds" and options.sds_direction == "minimize"):
+    if isinstance(model, LoadedVAE) or options.mode in ("encoder", "mist") or (options.mode == "sds" and options.sds_direction == "minimize"):
         return "latent_shift"
     return "protection_gain"
 
@@ -208,7 +216,7 @@ def survival(before: dict[str, float], after: dict[str, float], figure: str) -> 
 
 
 def served_figures(
-    model: LoadedModel,
+    model: LoadedModel | LoadedVAE,
     geometry: Geometry,
     original: np.ndarray,
     protected: np.ndarray,
@@ -225,7 +233,7 @@ def served_figures(
             as_seen(serve(protected, name), geometry, model.device),
         )
         served[name] = {
-            "protection_gain": after["protection_gain"],
+            "protection_gain": after.get("protection_gain"),
             "latent_shift": after["latent_shift"],
             "survival": survival(before, after, figure),
         }

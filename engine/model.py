@@ -22,6 +22,7 @@ asks for ``generation=True``, which keeps the text encoder (behind
 from __future__ import annotations
 
 import gc
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,7 +56,7 @@ class LoadedModel:
     unet: torch.nn.Module
     text_embedding: torch.Tensor  # (1, tokens, dim), the prompt's CLIP embedding, in the UNet's dtype
     alphas_cumprod: torch.Tensor  # (T,), fp32, on the device
-    scaling_factor: float  # latents = scaling_factor * E(x)
+    scaling_factor: float  # latents = scaling_factor * (E(x) - shift_factor)
     prediction_type: str  # "epsilon" (SD 1.x, SD 2 base) or "v_prediction" (SD 2.x 768)
     resolution: int  # training side in pixels: 512 for SD 1.5, 768 for SD 2.x
     size_multiple: int  # model-input sides must be multiples of this (64 for SD)
@@ -65,10 +66,28 @@ class LoadedModel:
     # Only with load_model(..., generation=True); the VAE then keeps its decoder too.
     embed: Callable[[str], torch.Tensor] | None = None  # prompt -> (1, tokens, dim), fp32, on the CPU
     scheduler_config: dict | None = None
+    shift_factor: float = 0.0  # SD's VAEs have none; 16-channel ones (SD3, Flux.1) do
 
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
+
+
+@dataclass
+class LoadedVAE:
+    """A VAE on its own, frozen: an ensemble member for a family whose denoiser fixative does not run (Flux.1, SD3).
+
+    Only its encoder is kept; the attacks reach such a model through the
+    latent it encodes (``fixative.engine.ensemble``).
+    """
+
+    vae: torch.nn.Module
+    scaling_factor: float  # latents = scaling_factor * (E(x) - shift_factor), as the model's trainers compute them
+    shift_factor: float
+    resolution: int  # the config's sample_size: the side its model is trained at
+    size_multiple: int  # the encoder's downsampling
+    device: torch.device
+    source: str
 
 
 def pick_device(name: str) -> torch.device:
@@ -281,12 +300,55 @@ def assemble_model(
         text_embedding=text_embedding.to(device=device, dtype=dtype),
         alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
         scaling_factor=float(vae.config.scaling_factor),
+        shift_factor=float(vae.config.shift_factor or 0.0),
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
         resolution=int(unet.config.sample_size) * vae_scale,
         size_multiple=vae_scale * unet_scale,
         device=device,
         dtype=dtype,
         source=source,
+    )
+
+
+def is_vae_folder(path: Path) -> bool:
+    """A VAE alone: an AutoencoderKL ``config.json`` at the top, as in a diffusers model's ``vae/`` subfolder."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "AutoencoderKL"
+    except (OSError, ValueError):
+        return False
+
+
+def load_vae(folder: Path, options: EngineOptions) -> LoadedVAE:
+    """Load the encoder of the VAE in ``folder`` (see :func:`is_vae_folder`), frozen, on the options' device.
+
+    Its ``scaling_factor`` and ``shift_factor`` come from its config: 4-channel
+    SD VAEs have no shift, 16-channel ones do (SD3 1.5305 and 0.0609, Flux.1
+    0.3611 and 0.1159).
+    """
+    from diffusers import AutoencoderKL
+
+    device = pick_device(options.device)
+    vae_dtype, _ = pick_dtypes(options.dtype, device)
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, torch_dtype=vae_dtype)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ModelError(f"could not load the VAE in {folder}: {error}") from error
+    vae.decoder = None  # the attacks only encode
+    vae = vae.to(device).eval().requires_grad_(False)
+    if options.low_vram:
+        vae.enable_gradient_checkpointing()
+    sample_size = vae.config.sample_size
+    return LoadedVAE(
+        vae=vae,
+        scaling_factor=float(vae.config.scaling_factor),
+        shift_factor=float(vae.config.shift_factor or 0.0),
+        resolution=int(sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size),
+        size_multiple=2 ** (len(vae.config.block_out_channels) - 1),
+        device=device,
+        source=str(folder),
     )
 
 

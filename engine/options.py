@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 # Named budgets in 0-255 levels (L-infinity). A budget of s levels bounds PSNR from
 # below by 20*log10(255/s): 36 dB at 4, 30 dB at 8, 24 dB at 16; sign-PGD moves most
@@ -37,6 +37,12 @@ class EngineOptions(BaseModel):
         DEFAULT_MODEL,
         description="A local diffusers folder, a single-file .safetensors checkpoint, "
         "or a Hugging Face id already in the local cache.",
+    )
+    models: tuple[str, ...] | None = Field(
+        None,
+        min_length=2,
+        description="Several models to protect against at once (fixative.engine.ensemble), each as ``model`` is "
+        "given, or a VAE folder alone; ``model`` is then the first of them. One model is given as ``model``.",
     )
     # sds, maximising: at full SD-1.5 scale on the CPU, 2.7x faster per image than
     # the reference AdvDM loop, report included, with a stronger protection after JPEG
@@ -85,6 +91,30 @@ class EngineOptions(BaseModel):
     format: OutputFormat = "png"
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality; ignored for PNG.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _members(cls, data: object) -> object:
+        """``models = [A]`` is ``model = A``; with several, ``model`` names the first, or is left out.
+
+        So a one-member list protects, and fingerprints, exactly as ``model``
+        does, and a dump of these options validates again unchanged.
+        """
+        if not isinstance(data, dict) or data.get("models") is None:
+            return data
+        members = list(data["models"])
+        if not members:
+            raise ValueError("models: give at least one model")
+        if "model" in data and data["model"] != members[0]:
+            raise ValueError(f"models: give either model or models, not both (model is {data['model']!r})")
+        if len(set(members)) != len(members):
+            raise ValueError(f"models: a model is listed twice ({members})")
+        return {**data, "model": members[0], "models": None if len(members) == 1 else members}
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The models the perturbation is made against: ``models``, or ``model`` alone."""
+        return self.models or (self.model,)
+
     @field_validator("strength", mode="before")
     @classmethod
     def _preset(cls, value: object) -> object:
@@ -98,6 +128,9 @@ class EngineOptions(BaseModel):
         The device is left out on purpose: moving from cuda to cpu should not
         re-protect a folder that is already done. The job store keys jobs on
         (content sha256, fingerprint), so changed settings make new jobs.
+        ``models`` is left out when unset, so that a single ``model``'s
+        fingerprint does not depend on the option existing: folders protected
+        with one model are not protected again when the settings gain it.
         """
-        payload = self.model_dump(mode="json", exclude={"device"})
+        payload = self.model_dump(mode="json", exclude={"device"} if self.models else {"device", "models"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -10,7 +10,8 @@ writes them atomically into its export folder.
 The steps:
 1. read the image (orientation applied, alpha and metadata set aside);
 2. plan the working size (``fixative.engine.geometry``) and downscale to it;
-3. run PGD for the chosen attack (``fixative.engine.attacks``) on the colour channels;
+3. run PGD for the chosen attack (``fixative.engine.attacks``) on the colour channels,
+   against one model or several at once (``fixative.engine.ensemble``);
 4. carry the perturbation to full resolution, round it to whole levels, and
    clip it to the budget around the original's own 8-bit values, so the saved
    file is within ``strength`` levels of the original in every pixel;
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fixative.engine.attacks import ATTACKS
@@ -44,11 +46,15 @@ from fixative.engine.imaging import (
     read_image,
 )
 from fixative.engine.metrics import as_seen, effect_figure, max_delta, protection_figures, psnr, served_figures, ssim
-from fixative.engine.model import LoadedModel
+from fixative.engine.ensemble import Ensemble, EnsembleAttack, Member
+from fixative.engine.model import LoadedModel, LoadedVAE
 from fixative.engine.options import EngineOptions
 from fixative.engine.pgd import Progress, coarse_steps, run_pgd
 from fixative.engine.publishing import REPORTED_PIPELINES
 from fixative.engine.transforms import PublishingTransform
+
+# One model, or several at once (fixative.engine.ensemble): the report then has a part per member.
+Protector = LoadedModel | Ensemble
 
 
 @dataclass
@@ -59,13 +65,13 @@ class Protected:
     warnings: list[str] = field(default_factory=list)
 
 
-def protect_file(path: Path, model: LoadedModel, options: EngineOptions, progress: Progress | None = None) -> Protected:
+def protect_file(path: Path, model: Protector, options: EngineOptions, progress: Progress | None = None) -> Protected:
     """Read ``path`` and protect it. Raises ``fixative.engine.errors.BadImage`` for files we cannot protect."""
     return protect_image(read_image(Path(path)), model, options, progress)
 
 
 def protect_bytes(
-    data: bytes, name: str, model: LoadedModel, options: EngineOptions, progress: Progress | None = None
+    data: bytes, name: str, model: Protector, options: EngineOptions, progress: Progress | None = None
 ) -> Protected:
     """Protect an image file's bytes (``name`` is for messages): decoded, then :func:`protect_image`.
 
@@ -84,7 +90,7 @@ def _memory_shortage(error: Exception) -> str | None:
     return str(error).splitlines()[0].split("DefaultCPUAllocator: ")[-1]  # after "[enforce fail at ...]"
 
 
-def _out_of_memory(sources: list[SourceImage], model: LoadedModel, reason: str) -> OutOfMemory:
+def _out_of_memory(sources: list[SourceImage], model: Protector, reason: str) -> OutOfMemory:
     sizes = [f"{source.rgb.shape[1]}x{source.rgb.shape[0]}" for source in sources]
     images = f"this {sizes[0]} image" if len(sizes) == 1 else f"a batch of {len(sizes)} images ({', '.join(sizes)})"
     return OutOfMemory(f"out of memory protecting {images} on {model.device}: {reason}")
@@ -115,7 +121,7 @@ def _out_of_memory_is_an_engine_error(protect):
 
 
 def perturbation(
-    model: LoadedModel, options: EngineOptions, geometries: list[Geometry], x_work: torch.Tensor, progress: Progress | None
+    model: Protector, options: EngineOptions, geometries: list[Geometry], x_work: torch.Tensor, progress: Progress | None
 ) -> torch.Tensor:
     """Step 3: the PGD perturbations (RGB changes) at the working size, a row per image, coarse steps first (``fixative.engine.pgd``)."""
     # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
@@ -130,16 +136,22 @@ def perturbation(
     if coarse:
         half = geometries[0].halved(model.size_multiple)  # the same for every row: a batch shares its working size
         x_half = half.down(x_work)
-        attack = ATTACKS[options.mode](model, options, (1, 3, *half.padded))
+        attack = _attack(model, options, (1, 3, *half.padded))
         progressed = _counted(progress, 0, options.steps)
         budget = Budget.plan(x_half, eps, options.budget)
         delta = run_pgd(attack, x_half, [half] * len(geometries), budget, alpha, coarse, generators, progressed, transforms)
         start = half.up(delta)  # bilinear, so in the same components; run_pgd projects it into the fine budget
-    attack = ATTACKS[options.mode](model, options, (1, 3, *geometries[0].padded))
+    attack = _attack(model, options, (1, 3, *geometries[0].padded))
     fine = options.steps - coarse
     budget = Budget.plan(x_work, eps, options.budget)
     progressed = _counted(progress, coarse, options.steps)
     return budget.rgb(run_pgd(attack, x_work, geometries, budget, alpha, fine, generators, progressed, transforms, start))
+
+
+def _attack(model: Protector, options: EngineOptions, input_shape: tuple[int, ...]):
+    if isinstance(model, Ensemble):
+        return EnsembleAttack(model, options, input_shape)
+    return ATTACKS[options.mode](model, options, input_shape)
 
 
 def _counted(progress: Progress | None, before: int, total: int) -> Progress | None:
@@ -149,11 +161,11 @@ def _counted(progress: Progress | None, before: int, total: int) -> Progress | N
     return lambda step, _stage_total, loss: progress(before + step, total, loss)
 
 
-def _geometry(source: SourceImage, model: LoadedModel) -> Geometry:
+def _geometry(source: SourceImage, model: Protector) -> Geometry:
     return Geometry.plan(*source.rgb.shape[:2], model.resolution, model.size_multiple)
 
 
-def batch_key(source: SourceImage, model: LoadedModel) -> tuple[tuple[int, int], tuple[int, int]]:
+def batch_key(source: SourceImage, model: Protector) -> tuple[tuple[int, int], tuple[int, int]]:
     """Images batch together only when their keys are equal: the same working and padded size.
 
     Their full sizes may differ (a 400x300 and an 800x600 image both work at
@@ -164,7 +176,7 @@ def batch_key(source: SourceImage, model: LoadedModel) -> tuple[tuple[int, int],
 
 
 def protect_image(
-    source: SourceImage, model: LoadedModel, options: EngineOptions, progress: Progress | None = None
+    source: SourceImage, model: Protector, options: EngineOptions, progress: Progress | None = None
 ) -> Protected:
     """Steps 2-5 of the module docstring, on an image already decoded (see protect_file, protect_bytes).
 
@@ -180,7 +192,7 @@ def protect_image(
 
 @_out_of_memory_is_an_engine_error
 def protect_batch(
-    sources: list[SourceImage], model: LoadedModel, options: EngineOptions, progress: Progress | None = None
+    sources: list[SourceImage], model: Protector, options: EngineOptions, progress: Progress | None = None
 ) -> list[Protected | Exception]:
     """Protect images of one :func:`batch_key` as one batch per PGD step: a result or an error per image, in order.
 
@@ -225,7 +237,7 @@ def protect_batch(
 
 
 def _finished(
-    source: SourceImage, model: LoadedModel, options: EngineOptions, geometry: Geometry, x_work: torch.Tensor, delta: torch.Tensor
+    source: SourceImage, model: Protector, options: EngineOptions, geometry: Geometry, x_work: torch.Tensor, delta: torch.Tensor
 ) -> Protected:
     """Steps 4-5 for one image of a batch: its saved file, read back and measured (the times are added by the caller)."""
     height, width = source.rgb.shape[:2]
@@ -234,9 +246,11 @@ def _finished(
     del protected_rgb  # the saved file, read back, is what gets measured
 
     saved = read_back_rgb(data)
-    figures = protection_figures(model, geometry.pad(x_work), as_seen(saved, geometry, model.device))
-    figure = effect_figure(options)
-    served = served_figures(model, geometry, source.rgb, saved, figures, figure, REPORTED_PIPELINES)
+    if isinstance(model, Ensemble):
+        bite = {"models": {name: _bite(member, options, geometry, source.rgb, x_work, saved)
+                           for name, member in model.members.items()}}
+    else:
+        bite = _bite(model, options, geometry, source.rgb, x_work, saved)
     warnings = list(source.notes)
     if min(geometry.work) < min(model.resolution, height, width) - 1:  # (- 1: the working size is rounded)
         # A 6000x300 strip is worked at 1619x81, far coarser than the scripts train at. Tiling it at
@@ -262,15 +276,29 @@ def _finished(
         "coarse_steps": coarse_steps(options),
         "seed": options.seed,
         "device": str(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "vae_dtype": str(model.vae.dtype).removeprefix("torch."),
-        "model": model.source,
         "size": [width, height],
         "working_size": [geometry.work[1], geometry.work[0]],
         "format": options.format,
         "psnr": round(psnr(source.rgb, saved), 2),
         "ssim": round(ssim(source.rgb, saved), 4),
         "max_delta": max_delta(source.rgb, saved),
+        **bite,
+    }
+    return Protected(data=data, suffix=OUTPUT_FORMATS[options.format], report=report, warnings=warnings)
+
+
+def _bite(
+    model: Member, options: EngineOptions, geometry: Geometry, original: np.ndarray, x_work: torch.Tensor, saved: np.ndarray
+) -> dict:
+    """One model's part of the report: what it is, and the saved file's gain, latent shift and survival on it."""
+    figures = protection_figures(model, geometry.pad(x_work), as_seen(saved, geometry, model.device))
+    figure = effect_figure(options, model)
+    served = served_figures(model, geometry, original, saved, figures, figure, REPORTED_PIPELINES)
+    dtypes = {} if isinstance(model, LoadedVAE) else {"dtype": str(model.dtype).removeprefix("torch.")}
+    return {
+        **dtypes,
+        "vae_dtype": str(model.vae.dtype).removeprefix("torch."),
+        "model": model.source,
         **{name: round(value, 4) for name, value in figures.items()},
         "survival_figure": figure,
         "survival": {
@@ -278,4 +306,3 @@ def _finished(
             for name, values in served.items()
         },
     }
-    return Protected(data=data, suffix=OUTPUT_FORMATS[options.format], report=report, warnings=warnings)

@@ -290,6 +290,16 @@ def test_memory_table_protects_a_large_image(tmp_path: Path, tiny_model: Path):
 
 
 @pytest.mark.slow
+def test_ensemble_table_times_each_member_and_their_ensembles(tmp_path: Path, tiny_model: Path):
+    figures = tmp_path / "ensemble.json"
+    _bench("bench.ensemble", "--steps", "2", "--rounds", "1", "--json", str(figures))
+    table = json.loads(figures.read_text())
+    assert set(table["seconds_per_step"]) == {"A", "B", "V", "A+B", "A+B+V"}
+    assert all(ratio > 0 for ratio in table["ratio_to_members_sum"].values())
+    assert table["weight_bytes"]["A+B"] == table["weight_bytes"]["A"] + table["weight_bytes"]["B"]  # held together
+
+
+@pytest.mark.slow
 def test_engines_table_drains_a_queue_with_one_engine_and_two(tiny_model: Path):
     done = _bench("bench.engines", "--images", "2", "--steps", "2", "--rounds", "1")
     assert "round 1: 1 engine(s)" in done.stdout and "round 1: 2 engine(s)" in done.stdout

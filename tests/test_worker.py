@@ -24,7 +24,7 @@ import torch
 
 import fixative.daemon.worker
 import fixative.engine.imaging
-import fixative.engine.model
+import fixative.engine.ensemble
 import fixative.engine.protect
 from fixative.daemon.settings import Settings
 from fixative.daemon.status import build_report, render
@@ -49,14 +49,14 @@ def store(settings: Settings) -> JobStore:
 
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Replace the engine's load_model; lists the options of every load."""
+    """Replace the engine's load_protector (one model or an ensemble); lists the options of every load."""
     loads: list = []
 
     def fake(options):
         loads.append(options)
         return SimpleNamespace(device=torch.device("cpu"), options=options)
 
-    monkeypatch.setattr(fixative.engine.model, "load_model", fake)
+    monkeypatch.setattr(fixative.engine.ensemble, "load_protector", fake)
     return loads
 
 
