@@ -128,9 +128,12 @@ class EngineOptions(BaseModel):
         The device is left out on purpose: moving from cuda to cpu should not
         re-protect a folder that is already done. The job store keys jobs on
         (content sha256, fingerprint), so changed settings make new jobs.
-        ``models`` is left out when unset, so that a single ``model``'s
-        fingerprint does not depend on the option existing: folders protected
-        with one model are not protected again when the settings gain it.
+        ``models`` unset and the ``uniform`` budget are left out, so that a
+        fingerprint does not depend on those options existing: folders
+        protected before the settings gained them, whose images these values
+        give byte for byte, are not protected again.
         """
-        payload = self.model_dump(mode="json", exclude={"device"} if self.models else {"device", "models"})
+        exclude = {"device"} | ({"models"} if self.models is None else set()) | (
+            {"budget"} if self.budget == "uniform" else set())
+        payload = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
