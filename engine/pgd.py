@@ -28,6 +28,13 @@ Everything that mixes numbers across pixels is done per row: the random draws,
 the EOT transform, the script's view of the perturbation, the momentum's
 normalisation, and the objective is a sum of the rows' own objectives, so each
 row's gradient, and its result, is what it would be alone.
+
+A greyscale row (``grey``) gets one perturbation for its three channels: its
+random start and every step's gradient are averaged over the channels, so
+each sign step, and the projection, moves the three alike and the protected
+image stays grey. The averaged gradient is the gradient with respect to a
+single grey perturbation shared by the channels (up to a factor of 3, which
+the sign step ignores).
 """
 
 from __future__ import annotations
@@ -94,6 +101,13 @@ def random_start(like: torch.Tensor, eps: float, generators: list[torch.Generato
     return (torch.cat(rows) * 2 - 1) * eps
 
 
+def shared_by_grey_rows(tensor: torch.Tensor, grey: torch.Tensor | None) -> torch.Tensor:
+    """``tensor`` (N, 3, h, w) with the rows where ``grey`` (N,) is True averaged over their channels."""
+    if grey is None or not grey.any():
+        return tensor
+    return torch.where(grey.view(-1, 1, 1, 1), tensor.mean(dim=1, keepdim=True).expand_as(tensor), tensor)
+
+
 def sign_step(
     delta: torch.Tensor, accumulated: torch.Tensor, gradient: torch.Tensor, direction: float, alpha: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,14 +133,16 @@ def run_pgd(
     progress: Progress | None = None,
     transforms: list[Transform] | None = None,
     start: torch.Tensor | None = None,
+    grey: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return the perturbations (fp32, working size, a row per image) after ``steps`` PGD steps from ``start``.
 
     ``x_work`` holds the batch's images, a row each, and ``geometries``,
     ``generators`` and ``transforms`` one per row. ``start`` defaults to a
-    random start. ``progress`` gets the mean of the rows' losses.
+    random start. ``progress`` gets the mean of the rows' losses. ``grey``
+    (N,) bool marks the rows whose three channels share one perturbation.
     """
-    delta = random_start(x_work, eps, generators) if start is None else start
+    delta = shared_by_grey_rows(random_start(x_work, eps, generators) if start is None else start, grey)
     direction = 1.0 if attack.maximize else -1.0
     accumulated = torch.zeros_like(delta)
     last_report = time.monotonic()
@@ -135,6 +151,7 @@ def run_pgd(
         objective, loss = attack(perturbed(x_work, delta, geometries, transforms, generators), generators)
         # A row's objective depends on that row alone, so the sum's gradient is each row's own.
         (gradient,) = torch.autograd.grad(objective.sum(), delta)
+        gradient = shared_by_grey_rows(gradient, grey)
         with torch.no_grad():
             delta, accumulated = sign_step(delta, accumulated, gradient, direction, alpha, eps)
         # Reading the loss forces a device sync, so report at most twice a second.

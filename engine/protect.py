@@ -114,9 +114,17 @@ def _out_of_memory_is_an_engine_error(protect):
 
 
 def perturbation(
-    model: LoadedModel, options: EngineOptions, geometries: list[Geometry], x_work: torch.Tensor, progress: Progress | None
+    model: LoadedModel,
+    options: EngineOptions,
+    geometries: list[Geometry],
+    x_work: torch.Tensor,
+    progress: Progress | None,
+    grey: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Step 3: the PGD perturbations at the working size, a row per image, coarse steps first (``fixative.engine.pgd``)."""
+    """Step 3: the PGD perturbations at the working size, a row per image, coarse steps first (``fixative.engine.pgd``).
+
+    ``grey`` (N,) bool: the rows of greyscale images, whose channels share one perturbation.
+    """
     # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
     eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
     # Every image its own random streams, seeded as if it were alone: every draw
@@ -130,11 +138,13 @@ def perturbation(
         half = geometries[0].halved(model.size_multiple)  # the same for every row: a batch shares its working size
         attack = ATTACKS[options.mode](model, options, (1, 3, *half.padded))
         progressed = _counted(progress, 0, options.steps)
-        delta = run_pgd(attack, half.down(x_work), [half] * len(geometries), eps, alpha, coarse, generators, progressed, transforms)
+        delta = run_pgd(attack, half.down(x_work), [half] * len(geometries), eps, alpha, coarse, generators, progressed,
+                        transforms, grey=grey)
         start = half.up(delta)
     attack = ATTACKS[options.mode](model, options, (1, 3, *geometries[0].padded))
     fine = options.steps - coarse
-    return run_pgd(attack, x_work, geometries, eps, alpha, fine, generators, _counted(progress, coarse, options.steps), transforms, start)
+    return run_pgd(attack, x_work, geometries, eps, alpha, fine, generators, _counted(progress, coarse, options.steps),
+                   transforms, start, grey)
 
 
 def _counted(progress: Progress | None, before: int, total: int) -> Progress | None:
@@ -194,7 +204,8 @@ def protect_batch(
     x_work = torch.cat([geometry.down_image(source.rgb) for geometry, source in zip(geometries, sources)]).to(model.device)
 
     pgd_started = time.perf_counter()
-    deltas = perturbation(model, options, geometries, x_work, progress)
+    grey = torch.tensor([source.grey for source in sources], device=model.device)
+    deltas = perturbation(model, options, geometries, x_work, progress, grey)
     # The batch's shared work, shared out: each image's report counts its part.
     pgd_seconds = (time.perf_counter() - pgd_started) / len(sources)
     shared_seconds = (time.perf_counter() - started) / len(sources)
