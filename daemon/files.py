@@ -75,17 +75,21 @@ def read_queued(path: Path, sha256: str, inbox: Path) -> bytes:
     return data
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be made in it; MachineError says why not."""
+def check_writable(folder: Path, role: str = "export folder") -> None:
+    """Create ``folder`` if needed and prove a file can be made in it; MachineError says why not, naming its ``role``.
+
+    A real file, created and removed: permission bits alone are wrong on some
+    network and FUSE file systems, and say nothing of a read-only mount.
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except (FileExistsError, NotADirectoryError) as error:  # strerror would say "File exists": true, but unhelpful
-        raise MachineError(f"cannot write in the export folder {folder}: a file is in the way "
+        raise MachineError(f"cannot write in the {role} {folder}: a file is in the way "
                            f"where a folder should be") from error
     except OSError as error:
-        raise MachineError(f"cannot write in the export folder {folder}: {error.strerror or error}") from error
+        raise MachineError(f"cannot write in the {role} {folder}: {error.strerror or error}") from error
 
 
 def remove_temp_files(path: Path) -> list[Path]:
