@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fixative.daemon.inbox_filter import WatcherConfigError, ignore_reason
 from fixative.daemon.lock import EXIT_ALREADY_RUNNING, AlreadyRunning, hold
-from fixative.daemon.settings import EX_CONFIG, ConfigError, Settings, load_settings
+from fixative.daemon.settings import EX_CONFIG, ConfigError, Settings, config_path, load_settings
 from fixative.daemon.store import STATES, StoreUnavailable, open_store, store_exists
 from fixative.daemon.text import printable
 
@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("enqueue", help="queue images by hand, as if dropped into the inbox")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.set_defaults(run=_enqueue)
+
+    p = commands.add_parser("init", help="write a commented config file where fixative reads it (replaces nothing)",
+                            description="Writes the example config (every setting at its default, explained) to "
+                            "--config FILE, $FIXATIVE_CONFIG or ~/.config/fixative/config.toml, the file fixative reads. "
+                            "An existing file is never replaced.")
+    p.set_defaults(run=_init)
 
     p = commands.add_parser("doctor", help="check torch, the device, the model, folders, the job table and inotify limits")
     p.set_defaults(run=_doctor)
@@ -168,6 +174,16 @@ def _engine(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    from fixative.engine.errors import ModelError
+    from fixative.engine.model_files import resolve_model_folder
+
+    # Before any folder or engine: a first run without the model says so here, in
+    # plain words, instead of creating the inbox and failing in an engine's log.
+    try:
+        resolve_model_folder(settings.engine.model)
+    except ModelError as error:
+        print(f"fixative: {error}", file=sys.stderr)
+        return EX_CONFIG
     from fixative.daemon.logs import configure_logging
     from fixative.daemon.supervisor import run_daemon
 
@@ -280,10 +296,32 @@ def _enqueue_problem(path: Path, base: Path) -> str | None:
     return ignore_reason(path, base)
 
 
+def _init(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    target = config_path(args.config)
+    packaged = files("fixative.daemon")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "x") as config:  # "x": fails if anything is there, even a file made a moment ago
+            config.write(packaged.joinpath("config.example.toml").read_text())
+    except FileExistsError:
+        print(f"fixative: {target} already exists, and init replaces nothing; edit it, "
+              "or move it away and run init again", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"fixative: cannot write {target}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    print(f"wrote {target}: every setting at its default, each explained; edit it, then run `fixative doctor`")
+    print(f"to run fixative as a service, copy {packaged.joinpath('systemd', 'fixative.service')} "
+          "to ~/.config/systemd/user/ (README: Running it as a service)")
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from fixative.daemon.doctor import FAIL, render, run_checks
 
-    results = run_checks(_settings(args))
+    results = run_checks(_settings(args), config_path(args.config))
     print(render(results))
     return 1 if any(level == FAIL for level, _ in results) else 0
 

@@ -34,14 +34,24 @@ PROBE_TIMEOUT_SECONDS = 300  # the first CUDA initialisation can take minutes
 CPU_SPEED = "one 512x512 image takes about 15 minutes on 2 cores (bench/README.md)"
 
 
-def run_checks(settings: Settings) -> list[tuple[str, str]]:
-    """Every check as (level, one line for the artist)."""
-    results = [(OK, f"python {sys.version.split()[0]} ({sys.executable})")]
+def run_checks(settings: Settings, config_file: Path) -> list[tuple[str, str]]:
+    """Every check as (level, one line for the artist); ``config_file`` is the file the settings were read from."""
+    results = [(OK, f"python {sys.version.split()[0]} ({sys.executable})"), _config_source(config_file)]
     results += _engine_checks(settings)
     results += _folder_checks(settings)
     results += store_checks(settings)
     results += _inotify_checks(settings)
     return results
+
+
+def _config_source(config_file: Path) -> tuple[str, str]:
+    """Which file the settings came from, or that there is none, and the FIXATIVE_* variables over it."""
+    variables = sorted(name for name in os.environ if name.upper().startswith("FIXATIVE_")
+                       and name.upper()[len("FIXATIVE_"):].split("__")[0].lower() in Settings.model_fields)
+    over = f", with {', '.join(variables)} from the environment" if variables else ""
+    if config_file.is_file():
+        return OK, f"config: read {config_file}{over}"
+    return OK, f"config: no file at {config_file}, so the defaults{over} (`fixative init` writes one to edit)"
 
 
 def _engine_checks(settings: Settings) -> list[tuple[str, str]]:
@@ -79,7 +89,8 @@ def probe() -> None:
     import torch
 
     from fixative.engine.errors import EngineError
-    from fixative.engine.model import pick_device, pick_dtypes, resolve_model_folder
+    from fixative.engine.model import pick_device, pick_dtypes
+    from fixative.engine.model_files import resolve_model_folder
     from fixative.engine.options import EngineOptions
 
     options = EngineOptions.model_validate_json(sys.argv[1])

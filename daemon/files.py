@@ -116,9 +116,11 @@ def read_queued(path: Path, sha256: str, inbox: Path) -> bytes:
     return data
 
 
-def check_writable(folder: Path, within: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be made in it; MachineError says why not.
+def check_writable(folder: Path, within: Path | None = None, role: str = "export folder") -> None:
+    """Create ``folder`` if needed and prove a file can be made in it; MachineError says why not, naming its ``role``.
 
+    A real file, created and removed: permission bits alone are wrong on some
+    network and FUSE file systems, and say nothing of a read-only mount.
     ``within``: the export folder. A file in the way of a folder below it
     (``export/sub`` a file, for ``inbox/sub/a.png``) is FolderBlocked instead;
     the export folder itself a file is the machine's fault, as every job meets it.
@@ -129,13 +131,13 @@ def check_writable(folder: Path, within: Path) -> None:
             pass
     except (FileExistsError, NotADirectoryError) as error:  # strerror would say "File exists": true, but unhelpful
         blocker = in_the_way(folder)
-        if blocker is not None and within in blocker.parents:
+        if blocker is not None and within is not None and within in blocker.parents:
             raise FolderBlocked(f"cannot write in {folder}: the file {blocker} is in the way where a folder "
                                 f"should be; move it, then run `fixative retry --failed`") from error
-        raise MachineError(f"cannot write in the export folder {folder}: a file is in the way "
+        raise MachineError(f"cannot write in the {role} {folder}: a file is in the way "
                            f"where a folder should be") from error
     except OSError as error:
-        raise MachineError(f"cannot write in the export folder {folder}: {error.strerror or error}") from error
+        raise MachineError(f"cannot write in the {role} {folder}: {error.strerror or error}") from error
 
 
 def in_the_way(folder: Path) -> Path | None:

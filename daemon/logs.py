@@ -1,8 +1,10 @@
 """Logging: structlog for our code, with the standard library's loggers routed through it.
 
-Readable colour lines on a terminal; one JSON object per line under systemd
-(journald sets ``JOURNAL_STREAM``) or when stderr is a file or pipe, so that
-``journalctl --user -u fixative -o cat | jq`` works. Logs go to stderr, keeping
+Readable colour lines when stderr is a terminal; one JSON object per line
+when it is anything else (journald's socket under systemd, a file, a pipe), so
+that ``journalctl --user -u fixative -o cat | jq`` works. ``JOURNAL_STREAM``
+alone does not decide it: a terminal started by a systemd user service (as
+desktop terminals are) inherits that variable, with stderr on the terminal. Logs go to stderr, keeping
 stdout for command output such as ``status --json``.
 
 torch, diffusers and watchdog log through the standard library; the
@@ -13,7 +15,6 @@ journal never mixes two formats.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import structlog
@@ -24,7 +25,7 @@ _SELF_HANDLED_LIBRARIES = ("transformers", "diffusers")
 
 
 def configure_logging(verbose: bool = False) -> None:
-    as_json = "JOURNAL_STREAM" in os.environ or not sys.stderr.isatty()
+    as_json = not sys.stderr.isatty()
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,  # e.g. job_id, bound by the engine for each job
         structlog.stdlib.add_log_level,

@@ -2,9 +2,11 @@
 
 ``protect`` starts from the ``[engine]`` table of the config file (so a model
 configured once for the daemon works here too) and lets flags override it.
-The model is loaded once for all the images, and only after the inputs and
-the output folder have been checked: loading takes most of a minute, and a
-typo should not cost that. A bad image is reported and skipped; the exit code
+The model is loaded once for all the images, and only after every input has
+been decoded (a damaged, truncated, tiny or oversized file is refused by the
+engine's own reader, ``fixative.engine.imaging``) and every output folder has
+been test-written: loading takes most of a minute, and on a CPU an image takes
+minutes more, which a typo should not cost. A bad image is reported and skipped; the exit code
 is 1 when any image failed, after doing the others. No output ever replaces a
 file: ``good.png`` and ``good.jpg`` become ``good.protected.png`` and
 ``good.protected-2.png``, and so does a second run beside the first.
@@ -97,7 +99,10 @@ def engine_options(args: argparse.Namespace, flags: tuple[str, ...]):
 
 
 def _input_problem(image: Path) -> str | None:
-    """Why ``image`` cannot be read, from its path alone (the picture itself is checked when it is decoded)."""
+    """Why ``image`` cannot be protected: its path, then the picture, decoded whole by the engine's reader."""
+    from fixative.engine.errors import BadImage
+    from fixative.engine.imaging import read_image
+
     try:
         mode = image.stat().st_mode
     except FileNotFoundError:
@@ -110,7 +115,27 @@ def _input_problem(image: Path) -> str | None:
         return f"{image}: not a regular file"
     if not os.access(image, os.R_OK):
         return f"{image}: no permission to read it"
+    try:
+        read_image(image)  # decoded again when protected: holding every input decoded could fill the memory
+    except BadImage as error:
+        return str(error)
+    except OSError as error:
+        return f"{image}: cannot read it: {error.strerror or error}"
     return None
+
+
+def _folder_problems(images: list[Path], problems: list[str | None], output_dir: Path | None) -> list[str]:
+    """Why the protected copies could not be written: each output folder created if needed, and test-written."""
+    from fixative.daemon.files import MachineError, check_writable
+
+    folders = [output_dir] if output_dir else [image.parent for image, problem in zip(images, problems) if not problem]
+    found = []
+    for folder in dict.fromkeys(folders):
+        try:
+            check_writable(folder, role="output folder")
+        except MachineError as error:
+            found.append(str(error))
+    return found
 
 
 def _output_paths(images: list[Path], output_dir: Path | None, suffix: str) -> Iterator[Path]:
@@ -127,6 +152,8 @@ def _output_paths(images: list[Path], output_dir: Path | None, suffix: str) -> I
 
 
 def _print_report(image: Path, output: Path, report: dict, warnings: list[str]) -> None:
+    from fixative.daemon.status import survival_line
+
     print(
         f"{image} -> {output}\n"
         f"  {report['mode']} · strength {report['strength']} · {report['steps']} steps · "
@@ -136,6 +163,8 @@ def _print_report(image: Path, output: Path, report: dict, warnings: list[str]) 
     for name, bite in report.get("models", {"": report}).items():
         gain = "" if bite.get("protection_gain") is None else f"protection gain {bite['protection_gain']:.3f} · "
         print(f"  {name + ': ' if name else ''}{gain}latent shift {bite['latent_shift']:.3f}")
+    if survives := survival_line(report):
+        print(f"  survives: {survives}")
     for warning in warnings:
         print(f"  warning: {warning}")
 
@@ -175,12 +204,11 @@ def run_protect(args: argparse.Namespace) -> int:
         for image, problem in zip(args.images, problems):
             _print_failure(args, image, problem)
         return EX_FAILED
-    if args.output_dir:
-        try:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            print(f"fixative: cannot create the output folder {args.output_dir}: {error.strerror or error}", file=sys.stderr)
-            return EX_FAILED
+    folder_problems = _folder_problems(args.images, problems, args.output_dir)
+    if folder_problems:  # found now, not after every image's minutes of work
+        for problem in folder_problems:
+            print(f"fixative: {problem}", file=sys.stderr)
+        return EX_FAILED
     from fixative.engine.imaging import OUTPUT_FORMATS
 
     outputs = list(_output_paths(args.images, args.output_dir, OUTPUT_FORMATS[options.format]))
@@ -204,28 +232,31 @@ def run_protect(args: argparse.Namespace) -> int:
             failed += 1
             _print_failure(args, image, problem)
             continue
-        with tqdm(total=options.steps, desc=image.name, unit="step", file=sys.stderr, leave=False) as bar:
+        # The bar is for a person at a terminal (in a log it would be a line of carriage returns).
+        with tqdm(total=options.steps, desc=image.name, unit="step", file=sys.stderr, leave=False,
+                  disable=not sys.stderr.isatty()) as bar:
 
             def progress(step: int, total: int, loss: float) -> None:
                 bar.update(step - bar.n)
                 bar.set_postfix(loss=f"{loss:.4f}")
 
+            error = None
             try:
                 result = protect_file(image, model, options, progress)
-            except EngineError as error:
-                failed += 1
-                _print_failure(args, image, str(error))
-                continue
-            except OSError as error:  # it moved or lost its permissions since it was checked
-                failed += 1
-                _print_failure(args, image, f"cannot read it: {error.strerror or error}")
-                continue
+            except EngineError as engine_error:
+                error = str(engine_error)
+            except OSError as os_error:  # it moved or lost its permissions since it was checked
+                error = f"cannot read it: {os_error.strerror or os_error}"
+        # Here the bar is closed and its line cleared, so no line about the image is printed onto it.
+        if error is None:
             try:
                 write_atomically(output, result.data)  # a full disk leaves no half-written copy
-            except OSError as error:
-                failed += 1
-                _print_failure(args, image, f"cannot write {output}: {error.strerror or error}")
-                continue
+            except OSError as os_error:
+                error = f"cannot write {output}: {os_error.strerror or os_error}"
+        if error is not None:
+            failed += 1
+            _print_failure(args, image, error)
+            continue
         if args.json:
             print(json.dumps({"image": str(image), "output": str(output), **result.report, "warnings": result.warnings}), flush=True)
         else:
@@ -234,7 +265,7 @@ def run_protect(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from fixative.engine.model import pull_model
+    from fixative.engine.model_files import pull_model
 
     model_id = args.model_id
     if model_id is None:

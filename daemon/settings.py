@@ -5,8 +5,9 @@ Nested tables use ``__`` in the environment: ``FIXATIVE_ENGINE__STEPS=50`` sets
 ``[engine] steps = 50``.
 
 Call :func:`load_settings`; it turns every problem into a :class:`ConfigError`
-with one line per problem, naming the key, which the CLI prints before exiting
-with :data:`EX_CONFIG`. ``Settings()`` on its own reads only the environment.
+with one line per problem, naming the key and where its value came from (the
+file or the variable), which the CLI prints before exiting with
+:data:`EX_CONFIG`. ``Settings()`` on its own reads only the environment.
 """
 
 from __future__ import annotations
@@ -218,35 +219,105 @@ class ConfigError(Exception):
         self.lines = lines
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Read the settings from ``config_file``, the environment and ``overrides``.
-
-    ``config_file`` defaults to ``$FIXATIVE_CONFIG``, then to
-    ``~/.config/fixative/config.toml``. A file named explicitly (argument or
-    ``FIXATIVE_CONFIG``) must exist; the default one may be absent.
-    """
+def config_path(config_file: Path | None = None) -> Path:
+    """The config file that settings are read from: ``config_file``, else ``$FIXATIVE_CONFIG``, else the XDG one."""
     if config_file is None and os.environ.get("FIXATIVE_CONFIG"):
         config_file = Path(os.environ["FIXATIVE_CONFIG"])
-    if config_file is not None:
-        config_file = config_file.expanduser()
-        # pydantic-settings skips a missing TOML file silently; a user who named
-        # one wants to know that their settings are not being read.
-        if not config_file.is_file():
-            raise ConfigError([f"config file not found: {config_file}"])
-    else:
-        config_file = default_config_file()
+    return default_config_file() if config_file is None else config_file.expanduser()
 
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings from ``config_file`` (see :func:`config_path`), the environment and ``overrides``.
+
+    A file named explicitly (argument or ``FIXATIVE_CONFIG``) must exist; the
+    default one may be absent. Every problem of the file and of the
+    environment is reported at once, each line naming where it comes from:
+    the file and key, or the ``FIXATIVE_*`` variable.
+    """
+    named = config_file is not None or bool(os.environ.get("FIXATIVE_CONFIG"))
+    config_file = config_path(config_file)
+    # pydantic-settings skips a missing TOML file silently; a user who named
+    # one wants to know that their settings are not being read.
+    if named and not config_file.is_file():
+        raise ConfigError([f"config file not found: {config_file}"])
+
+    problems, file_values = [], {}
+    if config_file.is_file():
+        try:
+            file_values = tomllib.loads(config_file.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            problems.append(f"{config_file}: not valid TOML: {error}")
+            config_file = None  # still check the environment, so that every problem shows at once
     token = _toml_file.set(config_file)
     try:
-        return Settings(**overrides)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError([f"{config_file}: not valid TOML: {error}"]) from None
+        settings = Settings(**overrides)
     except ValidationError as error:
-        raise ConfigError([_describe(e) for e in error.errors()]) from None
+        problems += [_with_source(_describe(e), config_file, file_values, overrides) for e in error.errors()]
     except SettingsError as error:  # e.g. FIXATIVE_ENGINE='not json'
-        raise ConfigError([str(error)]) from None
+        problems.append(str(error))
     finally:
         _toml_file.reset(token)
+    # The environment overrides the file key by key, so a wrong value in the file
+    # under a variable's is not in the errors above; it would be at the next run.
+    problems += [f"{config_file}: {line}; {_variable(line)} overrides it for now"
+                 for line in _file_errors(file_values) if _variable(line)]
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+class _FileOnly(Settings):
+    """Settings from the values given to it alone: the file's, to find its errors without the environment's."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **others):
+        return (init_settings,)
+
+
+def _file_errors(file_values: dict[str, Any]) -> list[str]:
+    """The described errors of the file's own settings (the checks across settings need them all, so not those)."""
+    if not file_values:
+        return []
+    try:
+        _FileOnly(**file_values)
+    except ValidationError as error:
+        return [_describe(e) for e in error.errors() if e["loc"] and _model_at([str(p) for p in e["loc"]]) is None]
+    return []
+
+
+def _with_source(line: str, config_file: Path | None, file_values: dict[str, Any], overrides: dict[str, Any]) -> str:
+    """``line`` (``engine.steps: ...``) prefixed with where its key's value came from: the variable, the file, or neither."""
+    key = line.split(":", 1)[0]
+    parts = key.split(".")
+    if parts[0] in overrides:  # given in code, which wins over both
+        return line
+    if variable := _variable(line):
+        return f"{variable}: {line}"
+    if config_file is not None and _holds(file_values, parts):
+        return f"{config_file}: {line}"
+    return line
+
+
+def _holds(values: dict[str, Any], parts: list[str]) -> bool:
+    for part in parts:
+        if not isinstance(values, dict) or part not in values:
+            return False
+        values = values[part]
+    return True
+
+
+def _variable(line: str) -> str | None:
+    """The ``FIXATIVE_*`` environment variable that sets the key ``line`` is about, if one does.
+
+    ``FIXATIVE_ENGINE__STEPS`` for ``engine.steps``, or ``FIXATIVE_ENGINE`` when the
+    table is given whole as JSON. Names are case-insensitive, as pydantic-settings reads them.
+    """
+    parts = line.split(":", 1)[0].upper().split(".")
+    names = {name.upper(): name for name in os.environ}
+    for n in range(len(parts), 0, -1):
+        if (candidate := "FIXATIVE_" + "__".join(parts[:n])) in names:
+            return names[candidate]
+    return None
 
 
 def _describe(error: Any) -> str:

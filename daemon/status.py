@@ -180,7 +180,7 @@ def render(report: dict[str, Any], daemon: str = "") -> str:
         for done in report["latest_done"][:3]:
             lines.append(f"  #{done['id']} {done['output']}{_figures(done['metrics'])}")
             lines += [f"    warning: {warning}" for warning in done["metrics"].get("warnings", [])]
-        survives = _survival(report["latest_done"][0]["metrics"])
+        survives = survival_line(report["latest_done"][0]["metrics"])
         if survives:
             lines.append(f"  #{report['latest_done'][0]['id']} survives: {survives}")
     if report["failures"]:
@@ -206,8 +206,11 @@ def _figures(metrics: dict[str, Any]) -> str:
     return " · " + " · ".join(shown) if shown else ""
 
 
-def _survival(metrics: dict[str, Any]) -> str:
-    """'jpeg85 96% · jpeg75 93% · half+jpeg75 88%': what part of the effect each common pipeline leaves."""
+def survival_line(metrics: dict[str, Any]) -> str:
+    """'jpeg85 96% · jpeg75 93% · half+jpeg75 88%': what part of the effect each common pipeline leaves.
+
+    From an image's report, as the engine makes it: status shows a job's, protect each image's.
+    """
     shown = [f"{name} {'n/a' if served['survival'] is None else format(served['survival'], '.0%')}"
              for name, served in metrics.get("survival", {}).items()]
     return " · ".join(shown)

@@ -100,10 +100,25 @@ class Budget:
     bound: torch.Tensor  # (N, 3, h, w), see budget_map
     eps: float
     luma_chroma: bool  # the perturbation's components are (Y, Cb, Cr), not (R, G, B)
+    grey: torch.Tensor | None = None  # (N,) bool: rows whose three channels share one perturbation
 
     @classmethod
-    def plan(cls, images: torch.Tensor, eps: float, shape: str) -> "Budget":
-        return cls(bound=budget_map(images, eps, shape), eps=eps, luma_chroma=shape == "perceptual")
+    def plan(cls, images: torch.Tensor, eps: float, shape: str, grey: torch.Tensor | None = None) -> "Budget":
+        return cls(bound=budget_map(images, eps, shape), eps=eps, luma_chroma=shape == "perceptual", grey=grey)
+
+    def share_grey(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a start or a gradient, in this budget's components) with its grey rows made colourless.
+
+        In RGB, the three channels averaged; in YCbCr, chroma zeroed. Sign
+        steps and the box projection keep either, so a grey image stays grey.
+        """
+        if self.grey is None or not self.grey.any():
+            return tensor
+        if self.luma_chroma:
+            colourless = torch.cat([tensor[:, :1], torch.zeros_like(tensor[:, 1:])], dim=1)
+        else:
+            colourless = tensor.mean(dim=1, keepdim=True).expand_as(tensor)
+        return torch.where(self.grey.view(-1, 1, 1, 1), colourless, tensor)
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         return torch.clamp(delta, -self.bound, self.bound)

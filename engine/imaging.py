@@ -27,8 +27,13 @@ Decisions worth knowing:
   Truncating shifts the whole image darker by up to one level. Exception: Pillow
   itself decodes 16-bit *colour* PNG/TIFF files to 8 bits by keeping the high byte;
   we say so in ``notes`` (it is at most one level off).
-* **Greyscale becomes RGB** (three equal channels); the output file is RGB. A
-  greyscale ICC profile cannot describe an RGB file, so it is dropped (noted).
+* **Greyscale stays greyscale.** A grey file (bilevel, 8- or 16-bit, with or
+  without alpha) is handed to the attack as RGB with three equal channels and
+  ``grey`` set; the attack then keeps one perturbation for the three channels
+  (``fixative.engine.pgd``), and :func:`encode_image` writes one grey channel
+  back (8-bit "L", or "LA" with the alpha). An ink drawing must not come back
+  with a colour tint. A file keeps its ICC profile only where the profile
+  describes the output's colour space (GRAY for grey, RGB for colour).
 * **CMYK becomes sRGB** through the embedded profile when there is one; the output
   is then sRGB and carries no profile.
 * Missing files, directories and permission errors are *not* BadImage: the
@@ -96,6 +101,7 @@ class SourceImage:
     dpi: tuple[float, float] | None
     exif: bytes | None  # original EXIF with Orientation reset to 1, or None
     notes: tuple[str, ...]  # human-readable conversions done, e.g. "16-bit input ..."
+    grey: bool = False  # a greyscale file: rgb's channels are equal, and the output is written grey
 
     @classmethod
     def from_rgb(cls, rgb: np.ndarray) -> SourceImage:
@@ -147,13 +153,16 @@ def decode_image(data: bytes, name: str) -> SourceImage:
     if high_byte_only:
         notes.append("16-bit colour input reduced to 8 bits (by the decoder, which keeps the high byte)")
     icc = upright.info.get("icc_profile") or None
+    grey = upright.mode in _GREY_MODES | _SIXTEEN_BIT_MODES | {"F"}
     rgb, alpha, icc = _to_rgb_alpha(upright, icc, name, notes)
-    if icc is not None and icc[16:20] != b"RGB ":
-        # The ICC header names the colour space it describes; an RGB file may only
-        # carry an RGB profile (a greyscale one would confuse colour-managed viewers).
-        notes.append(f"{icc[16:20].decode('latin-1').strip()} colour profile dropped (output is RGB)")
+    space = b"GRAY" if grey else b"RGB "
+    if icc is not None and icc[16:20] != space:
+        # The ICC header names the colour space it describes; a file may only carry a
+        # profile of its own space (any other would confuse colour-managed viewers).
+        notes.append(f"{icc[16:20].decode('latin-1').strip()} colour profile dropped "
+                     f"(output is {'greyscale' if grey else 'RGB'})")
         icc = None
-    return SourceImage(rgb=rgb, alpha=alpha, icc_profile=icc, dpi=dpi, exif=exif, notes=tuple(notes))
+    return SourceImage(rgb=rgb, alpha=alpha, icc_profile=icc, dpi=dpi, exif=exif, notes=tuple(notes), grey=grey)
 
 
 def encode_image(rgb: np.ndarray, source: SourceImage, fmt: str = "png", quality: int = 95) -> bytes:
@@ -183,7 +192,7 @@ def encode_image(rgb: np.ndarray, source: SourceImage, fmt: str = "png", quality
             f"got {rgb.dtype} {rgb.shape}"
         )
 
-    img = Image.fromarray(np.ascontiguousarray(rgb))  # mode RGB
+    img = _grey_image(rgb) if source.grey else Image.fromarray(np.ascontiguousarray(rgb))  # mode L or RGB
     if source.alpha is not None:
         if fmt != "jpeg":
             img.putalpha(Image.fromarray(np.ascontiguousarray(source.alpha)))
@@ -209,6 +218,17 @@ def encode_image(rgb: np.ndarray, source: SourceImage, fmt: str = "png", quality
     buf = io.BytesIO()
     img.save(buf, format=fmt.upper(), **params)
     return buf.getvalue()
+
+
+def _grey_image(rgb: np.ndarray) -> Image.Image:
+    """The one channel of a grey source's protected pixels, as mode L.
+
+    Unequal channels here mean the attack did not keep one perturbation for
+    the three; writing one of them would hide that, so it is refused.
+    """
+    if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+        raise ValueError("a greyscale source's pixels must have three equal channels")
+    return Image.fromarray(np.ascontiguousarray(rgb[..., 0]))
 
 
 def read_back_rgb(data: bytes) -> np.ndarray:
@@ -331,14 +351,14 @@ def _to_rgb_alpha(
         # precise enough (no v/257 lies within 0.001 of a .5 tie).
         values = np.clip(np.asarray(img).astype(np.float32), 0, 65535)
         grey = np.rint(values / 257).astype(np.uint8)
-        notes.append("16-bit greyscale input reduced to 8 bits (rounded); output is RGB")
+        notes.append("16-bit greyscale input reduced to 8 bits (rounded); output is 8-bit greyscale")
         return np.repeat(grey[..., None], 3, axis=2), None, icc
 
     if mode == "F":
         values = np.nan_to_num(np.asarray(img), nan=0.0)
         grey = np.rint(np.clip(values, 0, 255)).astype(np.uint8)
         notes.append(
-            "32-bit floating-point greyscale clipped to 0-255 and rounded to 8 bits; output is RGB"
+            "32-bit floating-point greyscale clipped to 0-255 and rounded to 8 bits; output is 8-bit greyscale"
         )
         return np.repeat(grey[..., None], 3, axis=2), None, icc
 
@@ -348,9 +368,8 @@ def _to_rgb_alpha(
     # Transparency: an alpha channel, or a palette/single colour marked transparent (tRNS).
     has_alpha = mode in _ALPHA_MODES or "transparency" in img.info
     arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
-    if mode in _GREY_MODES:
-        notes.append("greyscale input converted to RGB (three equal channels); output is "
-                     + ("RGBA, the alpha kept" if has_alpha else "RGB"))
+    if mode == "1":
+        notes.append("black-and-white input; output is 8-bit greyscale")
     elif mode in ("P", "PA"):
         notes.append("palette image converted to " + ("RGBA" if has_alpha else "RGB"))
     elif mode == "YCbCr":

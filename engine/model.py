@@ -1,17 +1,8 @@
 """Loading a Stable Diffusion 1.x/2.x model: only the parts the attacks need, once.
 
-Where a model can come from, in the order we look:
-
-1. a local diffusers folder (``model_index.json`` or ``unet/`` inside);
-2. a single-file ``.safetensors`` checkpoint (diffusers' ``from_single_file``,
-   which needs the matching config in the local Hugging Face cache);
-3. a Hugging Face id, resolved from the local cache only. fixative never
-   downloads gigabytes behind the user's back: ``fixative model pull ID`` does
-   that, with a progress bar, when asked.
-
-Pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) are refused:
-unpickling runs arbitrary code, and model files are passed around by strangers.
-Diffusers folders are loaded with ``use_safetensors=True`` for the same reason.
+Where the model's files are found (a diffusers folder, a single .safetensors
+file, or a Hugging Face id in the local cache) is ``fixative.engine.model_files``'s
+job, which needs no torch; this module loads what it finds.
 
 The text encoder is used once, to embed the prompt, and then dropped: it would
 otherwise hold ~0.5 GB for nothing. ``fixative check`` generates images, so it
@@ -30,22 +21,10 @@ from typing import Callable
 import torch
 
 from fixative.engine.errors import ModelError, UnsupportedDevice
+from fixative.engine.model_files import resolve_model_folder
 from fixative.engine.options import EngineOptions
 
-PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Parts of a diffusers repo the engine reads; ``fixative model pull`` fetches only these.
-NEEDED_PATTERNS = [
-    "model_index.json",
-    "scheduler/*.json",
-    "tokenizer/*",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-]
 
 
 @dataclass
@@ -145,37 +124,6 @@ def pick_dtypes(name: str, device: torch.device) -> tuple[torch.dtype, torch.dty
         raise UnsupportedDevice("this GPU does not support bf16; use fp16 or fp32")
     unet_dtype = DTYPES[name]
     return (torch.float32 if unet_dtype == torch.float16 else unet_dtype), unet_dtype
-
-
-def resolve_model_folder(model: str) -> Path:
-    """Turn the ``model`` setting into a local diffusers folder or .safetensors file, or explain what to do."""
-    path = Path(model).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelError(
-            f"refusing to load {model}: {path.suffix} checkpoints are Python pickles, and loading one can run "
-            "arbitrary code. Use a .safetensors checkpoint or a diffusers folder."
-        )
-    if path.is_file() and path.suffix.lower() != ".safetensors":
-        # diffusers would hand any other single file to torch.load, i.e. unpickle it.
-        raise ModelError(
-            f"refusing to load {model}: a single-file model must be a .safetensors checkpoint "
-            "(anything else may be a pickle, which can run arbitrary code). Or use a diffusers folder."
-        )
-    if path.exists():
-        return path
-    if model.startswith((".", "/", "~")) or path.suffix.lower() == ".safetensors":
-        raise ModelError(f"model path {path} does not exist")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(model, allow_patterns=NEEDED_PATTERNS, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as error:
-        raise ModelError(
-            f"model {model!r} is not on this machine. Download it once with `fixative model pull {model}` "
-            "(about 2.5 GB), or set `[engine] model` in the config file (`fixative protect --model` for one run) "
-            "to a local diffusers folder or .safetensors file."
-        ) from error
 
 
 def _load_parts(folder: Path, vae_dtype: torch.dtype, unet_dtype: torch.dtype):
@@ -351,9 +299,3 @@ def load_vae(folder: Path, options: EngineOptions) -> LoadedVAE:
         source=str(folder),
     )
 
-
-def pull_model(repo_id: str) -> Path:
-    """Download the parts of ``repo_id`` the engine needs into the Hugging Face cache (with progress)."""
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(repo_id, allow_patterns=NEEDED_PATTERNS))

@@ -118,8 +118,13 @@ class EngineOptions(BaseModel):
     @field_validator("strength", mode="before")
     @classmethod
     def _preset(cls, value: object) -> object:
-        if isinstance(value, str) and value.strip().lower() in STRENGTH_PRESETS:
-            return STRENGTH_PRESETS[value.strip().lower()]
+        if not isinstance(value, str):
+            return value
+        name = value.strip().lower()
+        if name in STRENGTH_PRESETS:
+            return STRENGTH_PRESETS[name]
+        if not name.lstrip("+-").isdigit():  # a misspelt preset: say which names there are
+            raise ValueError(f"must be a number of levels or one of {', '.join(STRENGTH_PRESETS)} (got {value!r})")
         return value
 
     def fingerprint(self) -> str:

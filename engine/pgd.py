@@ -31,6 +31,14 @@ Everything that mixes numbers across pixels is done per row: the random draws,
 the EOT transform, the script's view of the perturbation, the momentum's
 normalisation, and the objective is a sum of the rows' own objectives, so each
 row's gradient, and its result, is what it would be alone.
+
+A greyscale row (the budget's ``grey``) gets one perturbation for its three channels: its
+random start and every step's gradient are made colourless (``Budget.share_grey``:
+averaged over R, G and B, or with chroma zeroed in luma and chroma), so
+each sign step, and the projection, moves the three alike and the protected
+image stays grey. The averaged gradient is the gradient with respect to a
+single grey perturbation shared by the channels (up to a factor of 3, which
+the sign step ignores).
 """
 
 from __future__ import annotations
@@ -133,7 +141,7 @@ def run_pgd(
     projected into the budget. ``progress`` gets the mean of the rows' losses.
     ``budget.rgb`` of the result is the RGB change.
     """
-    delta = random_start(budget, generators) if start is None else budget.project(start)
+    delta = budget.share_grey(random_start(budget, generators) if start is None else budget.project(start))
     direction = 1.0 if attack.maximize else -1.0
     accumulated = torch.zeros_like(delta)
     last_report = time.monotonic()
@@ -142,6 +150,7 @@ def run_pgd(
         objective, loss = attack(perturbed(x_work, budget.rgb(delta), geometries, transforms, generators), generators)
         # A row's objective depends on that row alone, so the sum's gradient is each row's own.
         (gradient,) = torch.autograd.grad(objective.sum(), delta)
+        gradient = budget.share_grey(gradient)
         with torch.no_grad():
             delta, accumulated = sign_step(delta, accumulated, gradient, direction, alpha, budget)
         # Reading the loss forces a device sync, so report at most twice a second.

@@ -121,9 +121,17 @@ def _out_of_memory_is_an_engine_error(protect):
 
 
 def perturbation(
-    model: Protector, options: EngineOptions, geometries: list[Geometry], x_work: torch.Tensor, progress: Progress | None
+    model: Protector,
+    options: EngineOptions,
+    geometries: list[Geometry],
+    x_work: torch.Tensor,
+    progress: Progress | None,
+    grey: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Step 3: the PGD perturbations (RGB changes) at the working size, a row per image, coarse steps first (``fixative.engine.pgd``)."""
+    """Step 3: the PGD perturbations (RGB changes) at the working size, a row per image, coarse steps first (``fixative.engine.pgd``).
+
+    ``grey`` (N,) bool: the rows of greyscale images, whose channels share one perturbation.
+    """
     # Budgets are given in 0-255 levels; the image lives in [-1, 1], so double them.
     eps, alpha = 2 * options.strength / 255, 2 * options.step_size / 255
     # Every image its own random streams, seeded as if it were alone: every draw
@@ -138,12 +146,12 @@ def perturbation(
         x_half = half.down(x_work)
         attack = _attack(model, options, (1, 3, *half.padded))
         progressed = _counted(progress, 0, options.steps)
-        budget = Budget.plan(x_half, eps, options.budget)
+        budget = Budget.plan(x_half, eps, options.budget, grey)
         delta = run_pgd(attack, x_half, [half] * len(geometries), budget, alpha, coarse, generators, progressed, transforms)
         start = half.up(delta)  # bilinear, so in the same components; run_pgd projects it into the fine budget
     attack = _attack(model, options, (1, 3, *geometries[0].padded))
     fine = options.steps - coarse
-    budget = Budget.plan(x_work, eps, options.budget)
+    budget = Budget.plan(x_work, eps, options.budget, grey)
     progressed = _counted(progress, coarse, options.steps)
     return budget.rgb(run_pgd(attack, x_work, geometries, budget, alpha, fine, generators, progressed, transforms, start))
 
@@ -211,7 +219,8 @@ def protect_batch(
     x_work = torch.cat([geometry.down_image(source.rgb) for geometry, source in zip(geometries, sources)]).to(model.device)
 
     pgd_started = time.perf_counter()
-    deltas = perturbation(model, options, geometries, x_work, progress)
+    grey = torch.tensor([source.grey for source in sources], device=model.device)
+    deltas = perturbation(model, options, geometries, x_work, progress, grey)
     # The batch's shared work, shared out: each image's report counts its part.
     pgd_seconds = (time.perf_counter() - pgd_started) / len(sources)
     shared_seconds = (time.perf_counter() - started) / len(sources)

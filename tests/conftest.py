@@ -73,6 +73,21 @@ def painting(height: int = 300, width: int = 400, seed: int = 5) -> np.ndarray:
     return ((image[:height, :width] + 1) * 127.5).round().astype(np.uint8)
 
 
+def read_terminal(controller: int) -> bytes:
+    """Everything a child wrote to a pseudo-terminal, read from its ``controller`` end until the child closes it."""
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(controller)
+    return seen
+
+
 @pytest.fixture
 def painting_png(tmp_path: Path) -> Path:
     path = tmp_path / "painting.png"

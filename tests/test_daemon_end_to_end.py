@@ -414,9 +414,15 @@ def test_run_and_watch_exit_78_naming_the_key(tmp_path: Path, config: str, messa
 def test_run_exits_78_when_the_model_is_missing_and_says_what_to_do(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     daemon = Daemon(tmp_path, missing)
-    daemon.start(wait=False)  # the watcher runs; the engine child cannot load the model
+    daemon.inbox.rmdir()
+    daemon.start(wait=False)  # run finds the model missing before it starts the watcher or an engine
     assert daemon.process.wait(timeout=120) == EX_CONFIG  # not restarted in a loop: the unit stops on 78
-    log = daemon.log.read_text()
-    assert f"model path {missing} does not exist" in log and "engine.cannot_load_model" in log
-    assert daemon.store.processes()[watcher_name()]["status"] == "stopped"
+    assert daemon.log.read_text() == f"fixative: model path {missing} does not exist\n"
+    assert not daemon.inbox.exists() and daemon.store.processes() == {}
+
+    # An engine started alone (or on a machine where the model went away) says so too, and stops.
+    engine = subprocess.run([sys.executable, "-m", "fixative.daemon.cli", "engine"], env=daemon.env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert engine.returncode == EX_CONFIG
+    assert f"model path {missing} does not exist" in engine.stderr and "engine.cannot_load_model" in engine.stderr
     daemon.store.close()

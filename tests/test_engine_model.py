@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fixative.engine.errors import ModelError, UnsupportedDevice
-from fixative.engine.model import LoadedModel, assemble_model, load_model, resolve_model_folder
+from fixative.engine.model import LoadedModel, assemble_model, load_model
+from fixative.engine.model_files import resolve_model_folder
 from fixative.engine.options import EngineOptions
 
 FAKE_REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -191,31 +191,62 @@ def test_encode_rejects_wrong_arguments(tmp_path):
 # --- conversions ----------------------------------------------------------------------
 
 
-def test_greyscale_and_bilevel_become_rgb_with_equal_channels(tmp_path):
+def test_greyscale_and_bilevel_are_read_with_equal_channels_and_written_grey(tmp_path):
     grey = noise(256, 260, 1)[..., 0]
     path = tmp_path / "grey.png"
     Image.fromarray(grey).save(path)
     src = read_image(path)
-    assert src.rgb.shape == (256, 260, 3) and src.alpha is None
+    assert src.grey and src.rgb.shape == (256, 260, 3) and src.alpha is None
     for c in range(3):
         np.testing.assert_array_equal(src.rgb[..., c], grey)
-    assert any("greyscale" in n and "RGB" in n for n in src.notes)
-    assert reopen(encode_image(src.rgb, src)).mode == "RGB"
+    assert not any("RGB" in n for n in src.notes)
+    written = reopen(encode_image(src.rgb, src))
+    assert written.mode == "L"
+    np.testing.assert_array_equal(np.array(written), grey)
+    assert reopen(encode_image(src.rgb, src, "jpeg")).mode == "L"
+
+    tinted = src.rgb.copy()
+    tinted[0, 0, 2] ^= 1
+    with pytest.raises(ValueError, match="three equal channels"):
+        encode_image(tinted, src)
 
     path = tmp_path / "ink.png"
     Image.fromarray(grey > 127).convert("1").save(path)
-    assert set(np.unique(read_image(path).rgb)) <= {0, 255}
+    ink = read_image(path)
+    assert ink.grey and set(np.unique(ink.rgb)) <= {0, 255}
+    assert reopen(encode_image(ink.rgb, ink)).mode == "L"
 
 
-def test_greyscale_with_alpha_says_its_output_is_rgba(tmp_path):
+def test_colour_image_with_equal_channels_stays_rgb(tmp_path):
+    grey = noise(256, 260, 1)[..., 0]
+    path = tmp_path / "grey-as-rgb.png"
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(path)
+    src = read_image(path)
+    assert not src.grey
+    assert reopen(encode_image(src.rgb, src)).mode == "RGB"
+
+
+def test_greyscale_with_alpha_is_written_la_with_the_same_alpha(tmp_path):
     grey = noise(256, 260, 2)[..., 0]
     path = tmp_path / "grey-alpha.png"
     Image.fromarray(np.stack([grey, 255 - grey], axis=-1)).save(path)  # two channels: mode LA
     src = read_image(path)
+    assert src.grey
     np.testing.assert_array_equal(src.alpha, 255 - grey)
-    assert reopen(encode_image(src.rgb, src)).mode == "RGBA"
-    [note] = [n for n in src.notes if "greyscale" in n]
-    assert note.endswith("output is RGBA, the alpha kept")
+    written = reopen(encode_image(src.rgb, src))
+    assert written.mode == "LA"
+    np.testing.assert_array_equal(np.array(written)[..., 1], 255 - grey)
+
+
+def test_greyscale_keeps_a_grey_profile_and_drops_an_rgb_one(tmp_path):
+    grey = noise(256, 260, 3)[..., 0]
+    gray_profile = SRGB_ICC[:16] + b"GRAY" + SRGB_ICC[20:]  # the header field decode_image reads
+    for profile, kept in ((gray_profile, True), (SRGB_ICC, False)):
+        path = tmp_path / "profiled.png"
+        Image.fromarray(grey).save(path, icc_profile=profile)
+        src = read_image(path)
+        assert (src.icc_profile == profile) is kept
+        assert any("profile dropped (output is greyscale)" in n for n in src.notes) is not kept
 
 
 def test_only_png_keeps_the_strength_bound_and_the_readme_says_so(tmp_path):
@@ -245,6 +276,7 @@ def test_sixteen_bit_greyscale_is_rounded_not_truncated(tmp_path):
     np.testing.assert_array_equal(src.rgb[..., 0], expected)
     np.testing.assert_array_equal(src.rgb[..., 2], expected)
     assert any("16-bit" in n and "rounded" in n for n in src.notes)
+    assert src.grey and reopen(encode_image(src.rgb, src)).mode == "L"
 
 
 def test_sixteen_bit_colour_png_is_read_and_noted(tmp_path):

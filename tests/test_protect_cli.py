@@ -7,18 +7,23 @@ cache point into tmp_path, so no real user configuration or model is read.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import painting
+from conftest import painting, read_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
@@ -141,6 +146,8 @@ def test_human_report_from_config_output_beside_the_image_and_jpeg_warning(env: 
     assert "encoder" in done.stdout and "3 steps" in done.stdout and "on cpu" in done.stdout
     assert "protection gain" in done.stdout and "PSNR" in done.stdout and "max change" in done.stdout
     assert "warning:" in done.stdout and "lossy" in done.stdout
+    [survives] = [line for line in done.stdout.splitlines() if line.startswith("  survives: ")]
+    assert "jpeg75 " in survives  # the figures status shows for a job, formatted by the same function
     assert digest(image) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["config.toml", "landscape.png", "landscape.protected.jpg"]
 
@@ -204,3 +211,100 @@ def test_bad_arguments_are_explained_before_the_model_loads(env: dict[str, str],
         f"failed: {tmp_path / 'typo.png'}: no such file",
         f"failed: {tmp_path}: is a folder; name the image files in it",
     ]
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder no file can be created in: a read-only one, or sysfs for root, whom permissions do not stop."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_damaged_inputs_and_an_unwritable_output_folder_fail_before_the_model_loads(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Had the loader run, the missing model's own error ("does not exist") would show, and the exit would differ."""
+    no_model = ("--model", str(tmp_path / "no-such-model"))
+    text = tmp_path / "notes.png"
+    text.write_text("my shopping list, not a picture\n" * 20)
+    whole = write_painting(tmp_path / "whole.png").read_bytes()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    dot = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1)).save(dot)
+    bomb = tmp_path / "bomb.png"  # a real PNG whose header claims 20000 x 20000 pixels
+    header = bytearray(whole)
+    header[16:24] = (20_000).to_bytes(4, "big") * 2
+    header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
+    bomb.write_bytes(bytes(header))
+    out = tmp_path / "out"
+
+    done = fixative(env, "protect", str(text), str(truncated), str(dot), str(bomb), "-o", str(out), *no_model)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0] == f"failed: {text}: this is not an image file we can read (expected PNG, JPEG, WebP, TIFF, GIF, BMP...)."
+    assert lines[1].startswith(f"failed: {truncated}: the image file is damaged or incomplete")
+    assert lines[2].startswith(f"failed: {dot}: the image is 1x1 pixels; at least 256 pixels are needed")
+    assert lines[3].startswith(f"failed: {bomb}: the image is ") and "100-megapixel limit" in lines[3]
+    assert "decompression bomb" in lines[3]
+    assert "does not exist" not in done.stderr and not out.exists()
+
+    image = write_painting(tmp_path / "art.png")
+    folder = unwritable_folder(tmp_path)
+    refused = fixative(env, "protect", str(image), "-o", str(folder), *no_model)
+    assert refused.returncode == 1
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"fixative: cannot write in the output folder {folder}: ") and "does not exist" not in line
+
+
+def screen(text: str) -> list[str]:
+    """What a terminal shows of ``text``: each line as its carriage returns overwrite it."""
+    shown = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        cells: list[str] = []
+        for part in line.split("\r"):
+            cells[: len(part)] = part
+        shown.append("".join(cells).rstrip())
+    return shown
+
+
+# protect_file fails midway through the second image's steps, as a file swapped after it was checked would.
+FAILS_MIDWAY = """
+import sys
+import fixative.engine.protect as protect
+from fixative.daemon.cli import main
+from fixative.engine.errors import BadImage
+
+real = protect.protect_file
+
+def protect_file(path, model, options, progress=None):
+    if path.name != "swapped.png":
+        return real(path, model, options, progress)
+    progress(1, options.steps, 0.5)
+    raise BadImage(f"{path}: the image file is damaged (it changed after it was checked)")
+
+protect.protect_file = protect_file
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failure_line_starts_on_its_own_line_after_the_progress_bar(env: dict[str, str], tmp_path: Path) -> None:
+    """On a terminal (a real pseudo-terminal as stderr) the bar is drawn, and cleared before the failure line."""
+    good, swapped = write_painting(tmp_path / "good.png"), write_painting(tmp_path / "swapped.png", seed=7)
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns, as a window has
+    child = subprocess.Popen([sys.executable, "-c", FAILS_MIDWAY, "protect", str(good), str(swapped), "--steps", "3"],
+                             stdout=subprocess.PIPE, stderr=terminal, cwd=REPO, env=env)
+    os.close(terminal)
+    seen = read_terminal(controller)
+    stdout = child.communicate(timeout=300)[0].decode()
+    assert child.returncode == 1
+    text = seen.decode()
+    assert "good.png:" in text and "swapped.png:" in text  # the bars were drawn
+    failures = [line for line in screen(text) if "failed:" in line]
+    assert failures == [f"failed: {swapped}: the image file is damaged (it changed after it was checked)"]
+    assert f"{good} -> {tmp_path / 'good.protected.png'}" in stdout

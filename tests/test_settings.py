@@ -75,18 +75,52 @@ def test_a_named_file_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         load_settings()
 
 
-def test_every_problem_gets_one_line_naming_its_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_problem_gets_one_line_naming_its_key_and_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = write(tmp_path / "c.toml", '[engine]\nsteps = 0\nmode = "magic"\nstpes = 3\n[worker]\nheartbeat_seconds = 600\n')
     monkeypatch.setenv("FIXATIVE_WATCHER__POLLING", "perhaps")
     with pytest.raises(ConfigError) as caught:
         load_settings(config)
-    assert sorted(caught.value.lines) == [
-        "engine.mode: should be 'advdm', 'mist', 'sds' or 'encoder' (got 'magic')",
-        "engine.steps: must be ≥ 1 (got 0)",
-        "engine.stpes: unknown setting (did you mean engine.steps?)",
-        "watcher.polling: should be a valid boolean, unable to interpret input (got 'perhaps')",
-        "worker.heartbeat_seconds: must be at most half of lease_seconds (got 600 and 300)",
+    assert sorted(caught.value.lines) == sorted([
+        "FIXATIVE_WATCHER__POLLING: watcher.polling: should be a valid boolean, unable to interpret input (got 'perhaps')",
+        f"{config}: engine.mode: should be 'advdm', 'mist', 'sds' or 'encoder' (got 'magic')",
+        f"{config}: engine.steps: must be ≥ 1 (got 0)",
+        f"{config}: engine.stpes: unknown setting (did you mean engine.steps?)",
+        f"{config}: worker.heartbeat_seconds: must be at most half of lease_seconds (got 600 and 300)",
+    ])
+
+
+def test_a_bad_file_value_and_a_bad_variable_for_the_same_key_both_show(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The variable wins over the file, so pydantic sees only its value; the file's is wrong all the same."""
+    config = write(tmp_path / "c.toml", '[engine]\nstrength = "stronk"\n')
+    monkeypatch.setenv("FIXATIVE_ENGINE__STRENGTH", "abc")
+    monkeypatch.setenv("fixative_worker__max_attempts", "0")  # read case-insensitively, named as it is spelt
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert caught.value.lines == [
+        "fixative_worker__max_attempts: worker.max_attempts: must be ≥ 1 (got '0')",
+        "FIXATIVE_ENGINE__STRENGTH: engine.strength: must be a number of levels or one of subtle, balanced, strong "
+        "(got 'abc')",
+        f"{config}: engine.strength: must be a number of levels or one of subtle, balanced, strong (got 'stronk'); "
+        "FIXATIVE_ENGINE__STRENGTH overrides it for now",
     ]
+
+
+def test_broken_toml_does_not_hide_the_environment_s_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path / "c.toml", "inbox = \n")
+    monkeypatch.setenv("FIXATIVE_ENGINE__MODE", "magic")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    first, second = caught.value.lines
+    assert first.startswith(f"{config}: not valid TOML: ")
+    assert second == "FIXATIVE_ENGINE__MODE: engine.mode: should be 'advdm', 'mist', 'sds' or 'encoder' (got 'magic')"
+
+
+def test_a_value_given_in_code_is_named_by_its_key_alone(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, engine={"steps": 0})
+    assert caught.value.lines == ["engine.steps: must be ≥ 1 (got 0)"]
 
 
 def test_broken_toml_is_a_config_error(tmp_path: Path) -> None:
@@ -142,7 +176,7 @@ def test_cli_exits_78_and_names_the_key(tmp_path: Path) -> None:
                               cwd=REPO, env=env)
         assert done.returncode == EX_CONFIG, done.stderr
         assert done.stdout == ""
-    assert "engine.steps: must be ≥ 1 (got 0)" in subprocess.run(
+    assert f"fixative: config: {config}: engine.steps: must be ≥ 1 (got 0)" in subprocess.run(
         [sys.executable, "-m", "fixative.daemon.cli", "--config", str(config), "status"],
         capture_output=True, text=True, cwd=REPO, env=env,
     ).stderr

@@ -63,14 +63,15 @@ def stop(process: subprocess.Popen) -> int:
         process.kill()
 
 
-def test_a_second_daemon_on_one_state_folder_is_refused_naming_the_holder(env, tmp_path: Path) -> None:
+def test_a_second_daemon_on_one_state_folder_is_refused_naming_the_holder(env, tmp_path: Path, tiny_model: Path) -> None:
     log = tmp_path / "watch.log"
     first = start(env, "watch", log)
     try:
         store = JobStore(tmp_path / "state" / "jobs.db")
         wait_for(lambda: store.processes().get(watcher_name()), "the watcher to beat", first, log)
         for command in ("run", "watch", "engine"):
-            second = refused(env, command)
+            # A model on disk: run checks it is there before it takes the lock.
+            second = refused({**env, "FIXATIVE_ENGINE__MODEL": str(tiny_model)}, command)
             assert second.returncode == EXIT_ALREADY_RUNNING, (command, second.stderr)
             assert f"in use by fixative watch (pid {first.pid})" in second.stderr, second.stderr
             assert "Traceback" not in second.stderr
